@@ -1,0 +1,82 @@
+"""Typed records the engine returns; the worker writes them to rows, the CLI prints them.
+
+They live outside `engine` so the scheduler and database code can use them without importing MLX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Word:
+    start_s: float
+    end_s: float
+    word: str  # as Whisper spells it, leading space and attached punctuation included
+    probability: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    start_s: float
+    end_s: float
+    text: str
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+    temperature: float
+    words: tuple[Word, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timing:
+    audio_s: float  # duration of the decoded audio
+    wall_s: float  # audio array in to records out, model already loaded
+    batch_size: int  # windows per batch the engine used
+    device: str  # e.g. "cpu", "gpu (Apple M2 Max)", "gpu (NVIDIA H100)"
+    model: str  # model name as resolved by the model store
+
+    @property
+    def real_time_factor(self) -> float:
+        """Seconds of audio per second of work (higher is faster)."""
+        return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Transcript:
+    language: str | None  # None: no speech, or detection below the confidence bar
+    language_probability: float | None
+    duration_s: float
+    text: str
+    segments: tuple[Segment, ...]
+    timing: Timing
+    options: dict = field(default_factory=dict)  # engine options used, for the record
+
+    def to_json(self, path: str | None = None) -> dict:
+        """The shape `archive-asr transcribe --json` prints (one object per file)."""
+        return {
+            "path": path,
+            "language": self.language,
+            "language_probability": self.language_probability,
+            "duration_s": self.duration_s,
+            "text": self.text,
+            "segments": [
+                {
+                    "start_s": s.start_s,
+                    "end_s": s.end_s,
+                    "text": s.text,
+                    "avg_logprob": s.avg_logprob,
+                    "no_speech_prob": s.no_speech_prob,
+                    "words": [asdict(w) for w in s.words],
+                }
+                for s in self.segments
+            ],
+            "timing": {
+                "audio_s": self.timing.audio_s,
+                "wall_s": self.timing.wall_s,
+                "batch_size": self.timing.batch_size,
+                "device": self.timing.device,
+                "model": self.timing.model,
+                "real_time_factor": self.timing.real_time_factor,
+            },
+        }
