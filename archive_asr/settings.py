@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     flower_basic_auth: str = ""
     log_level: str = "INFO"
+    # Cache of converted MLX models; empty means data_dir/models.
+    models_dir: Path | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -62,9 +64,9 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.data_dir / 'archive.db'}"
 
     @property
-    def models_dir(self) -> Path:
-        """Converted MLX models are cached here."""
-        return self.data_dir / "models"
+    def resolved_models_dir(self) -> Path:
+        """Converted MLX models are cached here (models_dir, or data_dir/models)."""
+        return self.models_dir or self.data_dir / "models"
 
     @property
     def broker_dir(self) -> Path:

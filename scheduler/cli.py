@@ -51,6 +51,31 @@ class LazyGroup(click.Group):
             raise
         return getattr(module, attr)
 
+    def invoke(self, ctx: click.Context):
+        """Expected failures (bad settings, a database that doesn't answer) as one line, no traceback."""
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            message = _expected_failure(e)
+            if message is None:
+                raise
+            raise click.ClickException(message) from e
+
+
+def _expected_failure(e: Exception) -> str | None:
+    """The one-line message for an error a user can fix, or None for a bug (keep its traceback)."""
+    from archive_asr.errors import ArchiveAsrError
+
+    if isinstance(e, ArchiveAsrError):
+        return str(e)
+    if type(e).__module__.startswith("sqlalchemy"):
+        from sqlalchemy.exc import InterfaceError, OperationalError
+
+        if isinstance(e, (OperationalError, InterfaceError)):
+            reason = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+            return f"database error: {reason}"
+    return None
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="archive-asr")

@@ -1,0 +1,158 @@
+"""The one loaded model of this process.
+
+A worker process serves one model: ``get_model(name)`` loads it on first use (never at import or
+in a fork hook: MLX/Metal is not fork-safe) and returns the same object afterwards. Asking for
+another name replaces it, so a process never holds two. Weights are float32 on the CPU (float16
+runs 5-10x slower there) and float16 on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import engine  # noqa: F401  (OpenBLAS before mlx.core)
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_whisper.whisper import ModelDimensions, Whisper
+
+from archive_asr.settings import get_settings
+from engine.convert import CONFIG_FILE, check_against_model
+from engine.errors import ModelError
+from engine.model_store import WEIGHT_FILES, read_meta, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str  # as asked for: "base", "tiny.en", a folder, a repo id
+    model: Whisper
+    dims: ModelDimensions
+    dtype: mx.Dtype  # of the floating-point weights
+    path: Path  # the MLX folder it was loaded from
+    alignment_heads: np.ndarray  # (n_heads, 2) [decoder layer, head] pairs used for word timing
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.dims.n_vocab >= 51865
+
+    @property
+    def num_languages(self) -> int:
+        return self.model.num_languages
+
+    def tokenizer(self, language: str | None = None, task: str = "transcribe"):
+        """mlx-whisper's tokenizer for this model (offline: its tiktoken files ship with mlx-whisper)."""
+        from mlx_whisper.tokenizer import get_tokenizer
+
+        return get_tokenizer(
+            multilingual=self.is_multilingual,
+            num_languages=self.num_languages,
+            language=language if self.is_multilingual else "en",
+            task=task,
+        )
+
+
+_lock = threading.Lock()
+_held: LoadedModel | None = None
+
+
+def default_dtype() -> mx.Dtype:
+    """float16 on a GPU (Metal or CUDA), float32 on the CPU."""
+    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def device_name() -> str:
+    """'cpu', or 'gpu (<device name>)' as MLX reports it."""
+    if mx.default_device() != mx.gpu:
+        return "cpu"
+    try:
+        info = mx.device_info()
+    except Exception:  # older MLX: metal.device_info only
+        info = {}
+    name = info.get("device_name") or info.get("architecture") or ""
+    return f"gpu ({name})" if name else "gpu"
+
+
+def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> tuple[Whisper, ModelDimensions]:
+    """Load an mlx-whisper model folder, checking that every weight is there, cast to ``dtype``."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{folder / CONFIG_FILE}: unreadable ({e})") from e
+    config.pop("model_type", None)
+    quantization = config.pop("quantization", None)
+    fields = ModelDimensions.__dataclass_fields__
+    try:
+        dims = ModelDimensions(**{k: int(v) for k, v in config.items() if k in fields})
+    except TypeError as e:
+        raise ModelError(f"{folder / CONFIG_FILE}: not a Whisper config ({e})") from e
+    weight_file = next((folder / w for w in WEIGHT_FILES if (folder / w).is_file()), None)
+    if weight_file is None:
+        raise ModelError(f"{folder}: no {' or '.join(WEIGHT_FILES)}")
+    try:
+        weights = mx.load(str(weight_file))
+    except Exception as e:
+        raise ModelError(f"{weight_file}: unreadable weights ({e})") from e
+    model = Whisper(dims, dtype)
+    if quantization is not None:
+        # as mlx_whisper.load_models does: quantize the layers the file has scales for
+        nn.quantize(
+            model,
+            **quantization,
+            class_predicate=lambda p, m: isinstance(m, (nn.Linear, nn.Embedding)) and f"{p}.scales" in weights,
+        )
+        expected = dict(tree_flatten(model.parameters()))
+        missing = sorted(set(expected) - set(weights) - {"alignment_heads"})
+        if missing:
+            raise ModelError(f"{weight_file}: missing weights {', '.join(missing[:5])}")
+    else:
+        check_against_model(weights, dims)
+
+    def cast(x: mx.array) -> mx.array:
+        return x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x
+
+    model.update(tree_unflatten([(k, cast(v)) for k, v in weights.items()]))
+    mx.eval(model.parameters())
+    return model, dims
+
+
+def get_model(name: str | None = None) -> LoadedModel:
+    """The model called ``name`` (default: settings.model), loaded once per process."""
+    global _held
+    name = name or get_settings().model
+    with _lock:
+        if _held is not None and _held.name == name:
+            return _held
+        if _held is not None:
+            log.info("replacing model %s with %s", _held.name, name)
+            _held = None
+            clear_cache()
+        folder = resolve_model(name)
+        dtype = default_dtype()
+        model, dims = load_mlx_folder(folder, dtype)
+        meta = read_meta(folder)
+        if meta.get("alignment_heads"):
+            model.set_alignment_heads(np.asarray(meta["alignment_heads"], dtype=np.int64))
+        heads = np.array(model.alignment_heads)
+        _held = LoadedModel(name=name, model=model, dims=dims, dtype=dtype, path=folder, alignment_heads=heads)
+        log.info("loaded model %s from %s (%s, %s)", name, folder, dtype, device_name())
+        return _held
+
+
+def release_model() -> None:
+    """Drop the held model and MLX's cached buffers (tests, or a worker switching models)."""
+    global _held
+    with _lock:
+        _held = None
+        clear_cache()
+
+
+def clear_cache() -> None:
+    """Return MLX's cached buffers to the system: call between jobs, whose shapes differ."""
+    mx.clear_cache()

@@ -1,0 +1,163 @@
+"""Choose how many 30 s windows to encode and decode at once from the device's memory.
+
+The budget is a share of what the device can give this process (Metal: the recommended working
+set; CUDA: free memory; CPU: available RAM) on top of what MLX already holds (the weights). Each
+window costs its encoder activations while encoding, then its encoder output and the decoder's
+caches (cross-attention keys/values for the whole audio context, self-attention keys/values up to
+the text context) while decoding; the batch is as many windows as fit. The estimate is meant to be
+an upper bound: on a real run ``mx.get_peak_memory()`` should stay inside ``budget_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import engine  # noqa: F401  (OpenBLAS before mlx.core)
+import mlx.core as mx
+
+log = logging.getLogger(__name__)
+
+N_FRAMES = 3000  # mel frames in one 30 s window (the encoder's input length)
+GIB = 1 << 30
+
+# Share of the memory the device offers that the engine plans to use: the rest is for the OS,
+# other processes, MLX's allocator slack and Python.
+GPU_BUDGET_FRACTION = 0.75
+CPU_BUDGET_FRACTION = 0.5
+MAX_BATCH_GPU = 64  # beyond this the decode loop gains little and one batch's latency grows
+MAX_BATCH_CPU = 16  # CPU matmuls are compute-bound well before this
+# Live copies of the encoder's largest activation (attention scores q@k and their softmax) at once;
+# measured: ~1.5 on the CPU (tiny.en, batch 1-8).
+ATTENTION_COPIES = 2
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    device: str  # "cpu", "metal", "cuda"
+    total_bytes: int
+    available_bytes: int  # what this process may still take
+    source: str  # where the numbers came from, for the log
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    batch_size: int  # windows encoded and decoded together
+    budget_bytes: int  # planned ceiling for MLX's peak memory (weights included)
+    device: str
+    reason: str  # one line, logged and stored with the transcript
+    per_window_bytes: int = 0
+    weights_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _proc_meminfo() -> dict[str, int]:
+    values = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            values[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    return values
+
+
+def _cpu_memory() -> DeviceMemory:
+    if sys.platform.startswith("linux") and os.path.exists("/proc/meminfo"):
+        info = _proc_meminfo()
+        return DeviceMemory("cpu", info["MemTotal"], info.get("MemAvailable", info["MemFree"]), "/proc/meminfo")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # macOS has no cheap "available" figure without psutil: plan on half of physical memory
+    return DeviceMemory("cpu", total, total // 2, "sysconf (half of physical memory)")
+
+
+def device_memory() -> DeviceMemory:
+    """What the default MLX device has and can still give this process."""
+    if mx.default_device() != mx.gpu:
+        return _cpu_memory()
+    info = mx.device_info()
+    if "total_memory" in info:  # CUDA backend
+        total = int(info["total_memory"])
+        free = int(info.get("free_memory", total))
+        return DeviceMemory("cuda", total, free + mx.get_active_memory(), "mx.device_info() total/free_memory")
+    # Metal: unified memory; macOS lets one process wire about the recommended working set
+    total = int(info.get("memory_size", 0))
+    recommended = int(info.get("max_recommended_working_set_size", total))
+    return DeviceMemory("metal", total, min(recommended, total or recommended), "mx.device_info() working set")
+
+
+def per_window_bytes(dims, dtype_bytes: int, *, n_text_tokens: int | None = None, word_timestamps: bool = True) -> int:
+    """Upper bound on the memory one 30 s window adds to a batch (bytes)."""
+    ctx, state = dims.n_audio_ctx, dims.n_audio_state
+    n_tokens = n_text_tokens or dims.n_text_ctx
+    mel = N_FRAMES * dims.n_mels * (FLOAT32_BYTES + dtype_bytes)  # float32 mel and its cast
+    conv = 2 * N_FRAMES * state * dtype_bytes  # conv1 output and its GELU, before the stride-2 conv2
+    attention = ATTENTION_COPIES * dims.n_audio_head * ctx * ctx * dtype_bytes
+    residual = 4 * ctx * state * dtype_bytes + 2 * ctx * 4 * state * dtype_bytes  # x, q, k, v; MLP hidden
+    encoder_peak = mel + conv + attention + residual
+    audio_features = ctx * state * dtype_bytes  # kept while decoding
+    cross_kv = dims.n_text_layer * 2 * ctx * dims.n_text_state * dtype_bytes
+    self_kv = dims.n_text_layer * 2 * n_tokens * dims.n_text_state * dtype_bytes
+    # logits in float32 for the prompt pass and each step's log-softmax
+    logits = 4 * dims.n_vocab * FLOAT32_BYTES
+    decode = audio_features + cross_kv + self_kv + logits
+    if word_timestamps:  # the alignment heads' cross-attention weights over all tokens, float32
+        decode += dims.n_text_layer * dims.n_text_head * n_tokens * ctx * FLOAT32_BYTES
+    # Encoding one batch overlaps with the previous batch's decoder state being freed: count both.
+    return encoder_peak + decode
+
+
+def plan_batch(
+    dims,
+    dtype: mx.Dtype,
+    *,
+    batch_size: int = 0,
+    budget_bytes: int | None = None,
+    max_batch: int | None = None,
+    word_timestamps: bool = True,
+) -> BatchPlan:
+    """How many windows to batch: ``batch_size`` > 0 overrides; else from ``budget_bytes`` or the device."""
+    dtype_bytes = dtype.size
+    window = per_window_bytes(dims, dtype_bytes, word_timestamps=word_timestamps)
+    weights = weights_bytes(dims, dtype_bytes)
+    on_gpu = mx.default_device() == mx.gpu
+    device = "gpu" if on_gpu else "cpu"
+    if batch_size > 0:
+        budget = weights + batch_size * window
+        return BatchPlan(batch_size, budget, device, f"batch size {batch_size} set by the user", window, weights)
+    cap = max_batch or (MAX_BATCH_GPU if on_gpu else MAX_BATCH_CPU)
+    if budget_bytes is None:
+        mem = device_memory()
+        fraction = GPU_BUDGET_FRACTION if on_gpu else CPU_BUDGET_FRACTION
+        budget = int(mem.available_bytes * fraction)
+        source = f"{mem.device}: {mem.available_bytes / GIB:.1f} GiB available ({mem.source}) x {fraction}"
+        device = mem.device
+    else:
+        budget = int(budget_bytes)
+        source = "budget given"
+    fits = max(0, (budget - weights) // window)
+    size = max(1, min(cap, fits))
+    reason = (
+        f"{source} = {budget / GIB:.2f} GiB budget; weights {weights / GIB:.2f} GiB, "
+        f"{window / GIB:.3f} GiB per window -> {fits} fit"
+        + (f", capped at {cap}" if fits > cap else "")
+        + (" (less than one: using 1)" if fits < 1 else "")
+    )
+    return BatchPlan(size, budget, device, reason, window, weights)
+
+
+def weights_bytes(dims, dtype_bytes: int) -> int:
+    """Parameter memory of a Whisper model of these dimensions."""
+    a, t = dims.n_audio_state, dims.n_text_state
+    encoder = dims.n_mels * a * 3 + a * a * 3 + dims.n_audio_layer * 12 * a * a
+    decoder = dims.n_vocab * t + dims.n_text_ctx * t + dims.n_text_layer * 16 * t * t
+    return (encoder + decoder) * dtype_bytes
+
+
+def log_plan(plan: BatchPlan) -> None:
+    log.info("batch size %d (%s)", plan.batch_size, plan.reason)

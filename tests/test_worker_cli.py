@@ -1,0 +1,70 @@
+"""The queue's CLI: `archive-asr run` end to end, and the guards on `flower` and `worker`."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.fixtures_worker import REPO, SHORT_CLIPS, copy_clips, worker_env
+
+
+def test_flower_refuses_the_network_without_a_password(data_dir: Path):
+    from scheduler.cli import main
+
+    result = CliRunner().invoke(main, ["flower", "--address", "0.0.0.0"])
+    assert result.exit_code != 0
+    assert "without a password" in result.output and "ARCHIVE_ASR_FLOWER_BASIC_AUTH" in result.output
+    result = CliRunner().invoke(main, ["flower", "--address", "0.0.0.0", "--basic-auth", "nocolon"])
+    assert result.exit_code != 0 and "user:password" in result.output
+
+
+def test_worker_options_for_this_platform():
+    from worker.commands import is_loopback, worker_argv
+
+    argv = worker_argv(model="tiny.en", concurrency=1, loglevel="INFO")
+    assert argv[argv.index("-Q") + 1] == "asr.tiny.en"  # its model's queue only
+    assert "-E" in argv and "--pool=threads" in argv and "--concurrency=1" in argv
+    several = worker_argv(model="base", concurrency=3, loglevel="INFO")
+    assert ("--pool=threads" if sys.platform == "darwin" else "--pool=prefork") in several
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.20")
+
+
+def test_worker_rejects_a_bad_batch_size(data_dir: Path):
+    from scheduler.cli import main
+
+    result = CliRunner().invoke(main, ["worker", "--batch-size", "lots"])
+    assert result.exit_code != 0 and "'auto' or a positive number" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_run_transcribes_a_folder_end_to_end(shared_audio: Path, tmp_path: Path, monkeypatch):
+    env = worker_env(monkeypatch, tmp_path / "data", None)  # embedded defaults: SQLite, Valkey
+    folder = tmp_path / "recordings"
+    copy_clips(shared_audio, folder, SHORT_CLIPS[:2] + ("jfk.flac",))
+    (folder / "broken.wav").write_text("not audio")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "worker", "run", str(folder), "--quiet"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=280,
+        )
+    finally:
+        subprocess.run([sys.executable, "-m", "worker", "broker", "stop"], env=env, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "done: 3, failed: 1" in out.stdout
+    assert "broken.wav" in out.stderr  # the failure and its reason are shown
+    db = tmp_path / "data" / "archive.db"
+    assert f"results: sqlite:///{db}" in out.stdout
+    query = out.stdout.split("try: ", 1)[1].strip()
+    assert query.startswith(f"sqlite3 '{db}'")
+    sql = query.split('"', 1)[1].rsplit('"', 1)[0]
+    rows = sqlite3.connect(db).execute(sql).fetchall()  # the printed query works and finds the transcripts
+    assert len(rows) == 3
+    jfk = next(r for r in rows if r[0].endswith("jfk.flac"))
+    assert "ask not what your country" in jfk[3].lower() or "fellow americans" in jfk[3].lower()

@@ -1,0 +1,133 @@
+"""Dispatch and reconcile against the real Redis and a real SQLite database, without workers.
+
+Each test has its own Redis database number, so tests and earlier runs don't see each other's messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.fixtures_worker import SHORT_CLIPS, clean_redis, copy_clips, enqueue, worker_env
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def env(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = redis_url.rsplit("/", 1)[0] + "/8"
+    clean_redis(url)
+    worker_env(monkeypatch, tmp_path / "data", url)
+    yield url
+    clean_redis(url)
+
+
+def _queue(url: str) -> list[int]:
+    """Job ids of the messages waiting in the tiny.en queue, all priority steps."""
+    import base64
+    import json
+
+    r = redis.Redis.from_url(url)
+    ids = []
+    for key in r.scan_iter(match="asr.tiny.en*"):
+        if r.type(key) != b"list":
+            continue
+        for raw in r.lrange(key, 0, -1):
+            body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+            ids += body[0][0]
+    return sorted(ids)
+
+
+def test_messages_are_not_duplicated_while_they_wait(env: str, shared_audio: Path, tmp_path: Path):
+    from worker.reconcile import reconcile
+
+    ids = enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:3]))
+    assert len(ids) == 3 and _queue(env) == sorted(ids)
+    report = reconcile(force=True, grace=0)
+    assert report.redispatched == [] and _queue(env) == sorted(ids)
+
+
+def test_flushed_broker_gets_its_messages_back(env: str, shared_audio: Path, tmp_path: Path):
+    from worker.reconcile import reconcile
+
+    ids = enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:3]))
+    redis.Redis.from_url(env).flushdb()  # the broker restarted empty
+    assert _queue(env) == []
+    report = reconcile(force=True, grace=0)
+    assert sorted(report.redispatched) == sorted(ids)
+    assert _queue(env) == sorted(ids)
+    # A second pass finds nothing missing.
+    assert reconcile(force=True, grace=0).redispatched == []
+    assert _queue(env) == sorted(ids)
+
+
+def test_young_jobs_are_left_to_their_dispatcher(env: str, shared_audio: Path, tmp_path: Path):
+    from worker.reconcile import reconcile
+
+    ids = enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:2]))
+    redis.Redis.from_url(env).flushdb()
+    assert reconcile(force=True, grace=60).redispatched == []  # within the grace period
+    assert sorted(reconcile(force=True, grace=0).redispatched) == sorted(ids)
+
+
+def test_expired_lease_is_released_and_dispatched(env: str, shared_audio: Path, tmp_path: Path):
+    import time
+
+    from models.db import session_scope
+    from models.jobs import claim_job
+    from models.tables import Job, JobStatus
+    from worker.dispatch import forget
+    from worker.reconcile import reconcile
+
+    [job_id] = enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:1]))
+    redis.Redis.from_url(env).delete("asr.tiny.en", *redis.Redis.from_url(env).keys("asr.tiny.en*"))
+    forget([job_id])  # as a worker does when it takes the message
+    with session_scope() as session:
+        assert claim_job(session=session, job_id=job_id, worker_host="gone:1", lease_s=0.2)
+    time.sleep(0.5)  # the worker died: no renewals
+    report = reconcile(force=True, grace=0)
+    assert report.released == [job_id] and report.redispatched == [job_id]
+    assert _queue(env) == [job_id]
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job.status == JobStatus.QUEUED and job.attempts == 1
+        assert "stopped renewing its lease" in job.error
+
+
+def test_priority_picks_the_redis_step(env: str, shared_audio: Path, tmp_path: Path):
+    from scheduler.enqueue import Enqueuer, job_spec
+    from worker.dispatch import dispatch_new_jobs
+
+    clips = copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:2])
+    low = Enqueuer(spec=job_spec(model="tiny.en", language=None, word_timestamps=True, priority=0)).run([str(clips[0])])
+    high = Enqueuer(spec=job_spec(model="tiny.en", language=None, word_timestamps=True, priority=5)).run([str(clips[1])])
+    dispatch_new_jobs(low.new_jobs + high.new_jobs)
+    r = redis.Redis.from_url(env)
+    assert r.llen("asr.tiny.en") == 1  # priority 5: step 0, popped first
+    assert r.llen("asr.tiny.en\x06\x165") == 1  # priority 0: the middle step
+
+
+def test_unreachable_broker_is_a_clear_error(data_dir: Path, monkeypatch: pytest.MonkeyPatch, shared_audio: Path, tmp_path: Path):
+    from archive_asr.errors import BrokerUnavailable
+    from archive_asr.settings import get_settings
+    from scheduler.enqueue import Enqueuer, job_spec
+    from worker.dispatch import dispatch_new_jobs
+
+    monkeypatch.setenv("ARCHIVE_ASR_BROKER_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    clips = copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:1])
+    summary = Enqueuer(spec=job_spec(model="tiny.en", language=None, word_timestamps=True, priority=0)).run([str(clips[0])])
+    with pytest.raises(BrokerUnavailable, match="does not answer.*ARCHIVE_ASR_BROKER_URL"):
+        dispatch_new_jobs(summary.new_jobs)
+
+
+def test_queue_names_are_per_model():
+    from worker.app import queue_for_model
+
+    assert queue_for_model("tiny.en") == "asr.tiny.en"
+    assert queue_for_model("base") == "asr.base"
+    a, b = queue_for_model("/models/a/whisper-small"), queue_for_model("/models/b/whisper-small")
+    assert a != b and a.startswith("asr.whisper-small-")
+    assert queue_for_model("mlx-community/whisper-large-v3-mlx").startswith("asr.whisper-large-v3-mlx-")

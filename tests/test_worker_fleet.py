@@ -1,0 +1,91 @@
+"""Two real workers on the SQLite default and the embedded broker, watched by Flower.
+
+No "database is locked" failures (WAL + busy timeout), and Flower's API shows both workers and
+each task with its file and audio duration.
+"""
+
+from __future__ import annotations
+
+import ast
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_worker import (
+    REPO,
+    SHORT_CLIPS,
+    copy_clips,
+    enqueue,
+    wait_for,
+    wait_until_settled,
+    worker_env,
+    workers,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+AUTH = ("archivist", "s3cret-for-tests")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_on_sqlite_with_flower(shared_audio: Path, tmp_path: Path, monkeypatch):
+    import requests
+
+    env = worker_env(monkeypatch, tmp_path / "data", None)  # SQLite file + embedded Valkey
+    port = _free_port()
+    flower_log = open(tmp_path / "flower.log", "wb")
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "worker", "flower", "--port", str(port), "--basic-auth", ":".join(AUTH)],
+        env=env, cwd=REPO, stdout=flower_log, stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        with workers(env, tmp_path, 2) as procs:
+
+            def both_workers_listed():
+                try:
+                    r = requests.get(f"{api}/workers", params={"refresh": 1}, auth=AUTH, timeout=10)
+                except requests.ConnectionError:
+                    return None
+                return r.json() if r.ok and len(r.json()) == 2 else None
+
+            listed = wait_for(both_workers_listed, 90, "Flower to list both workers", poll_s=1)
+            assert all(name.startswith("tiny.en-") for name in listed)
+            assert requests.get(f"{api}/workers", timeout=10).status_code == 401  # no anonymous access
+
+            ids = enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS))
+            rows = wait_until_settled(240, procs)
+            logs = "".join(p.log() for p in procs)
+
+            def tasks_done():
+                tasks = requests.get(f"{api}/tasks", auth=AUTH, timeout=10).json()
+                succeeded = [t for t in tasks.values() if t["state"] == "SUCCESS"]
+                return tasks if len(succeeded) >= len(ids) else None
+
+            tasks = wait_for(tasks_done, 30, "Flower to record every task", poll_s=1)
+    finally:
+        flower.terminate()
+        flower.wait(timeout=30)
+        subprocess.run([sys.executable, "-m", "worker", "broker", "stop"], env=env, cwd=REPO, timeout=60)
+
+    assert len(ids) == len(SHORT_CLIPS)
+    assert all(r.status.value == "done" and r.transcripts == 1 for r in rows), [(r.path, r.error) for r in rows]
+    assert "database is locked" not in logs
+    names = {Path(p).name for p in SHORT_CLIPS}
+    shown = {Path(t["kwargs"] and ast.literal_eval(t["kwargs"])["path"]).name for t in tasks.values()}  # Flower reprs kwargs
+    assert shown == names
+    workers_seen = {t["worker"] for t in tasks.values()}
+    assert len(workers_seen) == 2, workers_seen  # both workers took messages
+    reports = [ast.literal_eval(t["result"]) for t in tasks.values() if t["result"] and "audio_s" in t["result"]]
+    transcribed = [r for r in reports if r["files"] and r["audio_s"] > 0]
+    assert transcribed
+    for r in transcribed:
+        assert r["wall_s"] > 0 and r["real_time_factor"] > 0 and r["batch_size"] >= 1 and r["device"] == "cpu"

@@ -1,0 +1,138 @@
+"""CLI commands that run the engine directly, no queue: `transcribe` and `models`.
+
+Imported lazily by scheduler.cli only when invoked; MLX is imported only inside the commands, so
+`archive-asr models --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from archive_asr.errors import ArchiveAsrError
+from archive_asr.settings import get_settings
+
+
+def _timestamp(seconds: float) -> str:
+    minutes, s = divmod(max(0.0, seconds), 60)
+    h, m = divmod(int(minutes), 60)
+    return f"{h:02d}:{m:02d}:{s:06.3f}" if h else f"{m:02d}:{s:06.3f}"
+
+
+def _warn_blas() -> None:
+    import engine  # noqa: F401  (loads OpenBLAS before MLX)
+    from engine.blas import blas_warning
+
+    warning = blas_warning()
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _batch_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    if value == "auto":
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n <= 0:
+        raise click.BadParameter("use 'auto' or a positive number of windows per batch")
+    return n
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "-m", default=None, help="Model: a name from `archive-asr models list`, an MLX or CTranslate2 folder, or a Hugging Face repo id. [default: settings' model, 'base']")
+@click.option("--batch-size", default="auto", callback=_batch_size, show_default=True, help="Windows decoded together; 'auto' chooses from the device's memory.")
+@click.option("--language", "-l", default=None, help="Language code of the audio (en, de, ...); detected per file when omitted.")
+@click.option("--words/--no-words", default=True, show_default=True, help="Word-level timestamps.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (one per line).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or log messages on stderr.")
+def transcribe(files: tuple[Path, ...], model: str | None, batch_size: int, language: str | None, words: bool, as_json: bool, quiet: bool) -> None:
+    """Transcribe audio files with the batched engine and print the transcripts (no queue, no database)."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _warn_blas()
+    try:
+        from engine.transcribe import transcribe_file
+    except ImportError as e:
+        raise click.ClickException(f"the batched engine is not available ({e})") from e
+    from engine.errors import AudioDecodeError
+    from engine.options import EngineOptions
+
+    options = EngineOptions(language=language, word_timestamps=words, batch_size=batch_size)
+    model_name = model or get_settings().model
+    failed = 0
+    for path in files:
+        try:
+            transcript = transcribe_file(path, model_name=model_name, options=options)
+        except AudioDecodeError as e:
+            # one bad file fails alone; the others go on
+            failed += 1
+            click.echo(f"error: {e}", err=True)
+            if as_json:
+                click.echo(json.dumps({"path": str(path), "error": str(e)}))
+            continue
+        except (ArchiveAsrError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+        if as_json:
+            click.echo(json.dumps(transcript.to_json(str(path)), ensure_ascii=False))
+            continue
+        t = transcript.timing
+        language_note = transcript.language or "language undetermined"
+        click.echo(f"# {path} ({transcript.duration_s:.1f} s, {language_note}, {t.real_time_factor:.1f}x real time, batch {t.batch_size}, {t.device})")
+        for s in transcript.segments:
+            click.echo(f"[{_timestamp(s.start_s)} --> {_timestamp(s.end_s)}] {s.text.strip()}")
+        if not transcript.segments:
+            click.echo("(no speech)")
+    if failed:
+        sys.exit(1)
+
+
+@click.group()
+def models() -> None:
+    """List and import Whisper models (converted to MLX once, cached in the models folder)."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+def list_command(as_json: bool) -> None:
+    """Show the models available offline: bundled ones (converted on first use) and imported ones."""
+    from engine.model_store import list_models
+
+    infos = list_models()
+    default = get_settings().model
+    if as_json:
+        rows = [
+            {"name": i.name, "kind": i.kind, "path": str(i.path) if i.path else None, "ready": i.ready,
+             "multilingual": i.multilingual, "default": i.name == default}
+            for i in infos
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':<24} {'kind':<9} {'languages':<12} {'status':<22} path")
+    for i in infos:
+        languages = {True: "multilingual", False: "English", None: "?"}[i.multilingual]
+        status = "converted" if i.ready else "converted on first use"
+        marker = " (default)" if i.name == default else ""
+        click.echo(f"{i.name + marker:<24} {i.kind:<9} {languages:<12} {status:<22} {i.path or ''}")
+    click.echo(f"\nmodels folder: {get_settings().resolved_models_dir}")
+
+
+@models.command("import")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", "-n", default=None, help="Name to use with --model. [default: the folder's name]")
+def import_command(path: Path, name: str | None) -> None:
+    """Convert a CTranslate2 (faster-whisper) model folder to MLX and add it to the models folder."""
+    import engine  # noqa: F401
+    from engine.errors import ModelError
+    from engine.model_store import import_ct2
+
+    try:
+        dest = import_ct2(path, name)
+    except ModelError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"imported {dest.name} -> {dest}  (use --model {dest.name})")
