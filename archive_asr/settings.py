@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     # Windows per batch; 0 means chosen from the device's memory.
     batch_size: int = Field(default=0, ge=0)
     # Seconds a running job's lease lasts without renewal before the reconciler takes it back.
-    lease_s: int = Field(default=30, ge=5)
+    lease_s: int = Field(default=20, ge=5)
     # Attempts before a job that keeps failing on transient errors is marked failed.
     max_attempts: int = Field(default=3, ge=1)
     # Flower: bind address and basic-auth "user:password" (empty: no auth, so localhost only).

@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny.en", help="model name / folder for every method (default tiny.en)")
     p.add_argument("--audio", action="append", type=Path, required=True, help="audio file; repeat to concatenate")
+    p.add_argument("--max-s", type=float, default=0, help="use only the first N seconds of the audio (no WER: the reference can't be cut)")
     p.add_argument("--repeat", type=int, default=1, help="repeat the concatenated audio (and reference) N times")
     p.add_argument("--reference", action="append", type=Path, help="reference text(s); default: the .txt beside each audio")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {', '.join(ALL_METHODS)}")
@@ -301,9 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         methods += [m for m in ("mlx-seq-words", "engine-words") if m not in methods]
     audio = np.concatenate([load_audio(a) for a in args.audio])
     audio = np.tile(audio, args.repeat) if args.repeat > 1 else audio
+    if args.max_s:
+        audio = audio[: int(args.max_s * SAMPLE_RATE)]
     refs = args.reference or [a.with_suffix(".txt") for a in args.audio]
     reference = None
-    if all(r.exists() for r in refs):
+    if all(r.exists() for r in refs) and not args.max_s:
         reference = " ".join([" ".join(r.read_text().strip() for r in refs)] * args.repeat)
 
     from engine.holder import default_dtype, device_name, get_model

@@ -83,43 +83,60 @@ class TokenRules:
         self.ts_first = mx.array(first)[None, :]
         # (SuppressBlank only matters when text could come first; here the first token is a timestamp.)
 
-    def choose(
-        self, logits: mx.array, step: int, last: mx.array | None, penult: mx.array | None, last_ts: mx.array,
-        temperature: float, key: mx.array | None,
-    ) -> tuple[mx.array, mx.array]:
+        self._compiled: dict[tuple[bool, bool], object] = {}
+
+    def step_fn(self, first: bool, sampling: bool):
+        """The whole per-token update as one compiled function (fused kernels on a GPU):
+        (logits, last, penult, last_ts, done, sum_logprob, temperature, key) ->
+        (token, done, sum_logprob, last_ts), all (batch,)."""
+        fn = self._compiled.get((first, sampling))
+        if fn is None:
+
+            def step(logits, last, penult, last_ts, done, sum_logprob, temperature, key):
+                token, logprob = self._choose(logits, first, last, penult, last_ts, temperature if sampling else None, key)
+                sum_logprob = sum_logprob + mx.where(done, 0.0, logprob)
+                token = mx.where(done, self.eot, token)
+                done = done | (token == self.eot)
+                last_ts = mx.where(token >= self.ts_begin, token, last_ts)
+                return token, done, sum_logprob, last_ts
+
+            fn = self._compiled[(first, sampling)] = mx.compile(step)
+        return fn
+
+    def _choose(self, logits, first, last, penult, last_ts, temperature, key):
         """(batch, n_vocab) float32 logits -> (next tokens, their log-probabilities), both (batch,).
 
-        last/penult: the previous two sampled tokens (None before there are any); last_ts: the
-        latest sampled timestamp token per row, or -1.
+        last/penult: the previous two sampled tokens (on the second step penult is any timestamp:
+        Whisper counts the missing token as one); last_ts: the latest sampled timestamp or -1.
         """
         ts = logits[:, self.ts_begin :]
-        if step == 0:
+        if first:
             ts = mx.where(self.ts_first, NEG_INF, ts)
             text = None
         else:
             last_was_ts = last >= self.ts_begin
-            penult_was_ts = mx.ones_like(last_was_ts) if penult is None else penult >= self.ts_begin
+            penult_was_ts = penult >= self.ts_begin
             # after a timestamp pair (or a lone first one): text or <|endoftext|>, no timestamp;
             # after text + a closing timestamp: a timestamp or <|endoftext|>, no text
-            text_hi = mx.where(last_was_ts & ~penult_was_ts, self.eot, 0)
+            closing = last_was_ts & ~penult_was_ts
+            text_hi = mx.where(closing, self.eot, 0)
             all_ts = mx.where(last_was_ts & penult_was_ts, self.n_ts, 0)
             # timestamps never decrease, and a segment is never empty
             rel = last_ts - self.ts_begin
-            floor = mx.where(last_ts < 0, 0, mx.where(last_was_ts & ~penult_was_ts, rel, rel + 1))
+            floor = mx.where(last_ts < 0, 0, mx.where(closing, rel, rel + 1))
             ts_hi = mx.maximum(all_ts, floor)
             text = logits[:, : self.ts_begin]
             text = mx.where(self.text_suppress | (self.text_ids < text_hi[:, None]), NEG_INF, text)
             ts = mx.where(self.ts_suppress | (self.ts_ids < ts_hi[:, None]), NEG_INF, ts)
         ts_lse = mx.logsumexp(ts, axis=-1)
         if text is None:
-            lse, text_max = ts_lse, None
-            force = None
+            lse = ts_lse
         else:
             text_max = mx.max(text, axis=-1)
             # if the timestamps together are likelier than any single text token, sample a timestamp
             force = ts_lse > text_max
             lse = mx.where(force, ts_lse, mx.logaddexp(ts_lse, mx.logsumexp(text, axis=-1)))
-        if temperature > 0:
+        if temperature is not None:
             if text is None:
                 token = self.ts_begin + mx.random.categorical(ts / temperature, key=key)
             else:
@@ -170,26 +187,31 @@ class _Decoder:
         self.keys = [mx.zeros(shape, self.dtype) for _ in self.dec.blocks]
         self.values = [mx.zeros(shape, self.dtype) for _ in self.dec.blocks]
         self.pads = pads  # (batch,) left padding of each row
-        self.key_ok = mx.arange(capacity)[None, :] >= pads[:, None]  # (batch, capacity): not padding
+        cols = mx.arange(capacity)[None, :] - pads[:, None]  # (batch, capacity)
+        self.key_ok = cols >= 0  # not padding
+        self.positions = mx.maximum(cols, 0)  # each row's tokens are at positions 0, 1, ... after its padding
         self.scale = head_dim**-0.5
         self.offset = 0
 
     def _heads(self, x: mx.array) -> mx.array:
         """(batch, length, n_state) -> contiguous (batch, n_head, length, head_dim)."""
         n_batch, length, n_state = x.shape
+        if length == 1:  # one token per row (every step): the same memory, no copy
+            return x.reshape(n_batch, self.n_head, 1, n_state // self.n_head)
         return mx.contiguous(x.reshape(n_batch, length, self.n_head, n_state // self.n_head).transpose(0, 2, 1, 3))
 
     def _merge(self, x: mx.array) -> mx.array:
         """(batch, n_head, n, head_dim) -> (batch, n, n_state)."""
         n_batch, n_head, n, head_dim = x.shape
+        if n == 1:
+            return x.reshape(n_batch, 1, n_head * head_dim)
         return x.transpose(0, 2, 1, 3).reshape(n_batch, n, n_head * head_dim)
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """tokens (batch, n) -> final hidden states (batch, n, n_state), after the last layer norm."""
         n = tokens.shape[1]
         start, end = self.offset, self.offset + n
-        positions = mx.maximum(mx.arange(start, end)[None, :] - self.pads[:, None], 0)  # (batch, n)
-        x = self.dec.token_embedding(tokens) + self.dec.positional_embedding[positions]
+        x = self.dec.token_embedding(tokens) + self.dec.positional_embedding[self.positions[:, start:end]]
         x = x.astype(self.dtype)
         key_ok = self.key_ok[:, None, None, :end]  # (batch, 1, 1, end)
         if n > 1:  # prompt: causal, and a padding query sees itself so its softmax is defined
@@ -258,21 +280,20 @@ def decode_batch(
     eot = tokenizers[0].eot
     ts_begin = tokenizers[0].timestamp_begin
     rule = rules[0]  # the rules depend only on the vocabulary layout, shared by every language
-    key = mx.random.key(0) if temperature > 0 else None
+    sampling = temperature > 0
+    key = mx.random.key(0)
+    temp = mx.array(temperature if sampling else 1.0, mx.float32)
     done = mx.zeros((n_batch,), mx.bool_)
     sum_logprob = mx.zeros((n_batch,), mx.float32)
     last_ts = mx.full((n_batch,), -1, mx.int32)
-    last = penult = None
+    last = penult = mx.full((n_batch,), ts_begin, mx.int32)  # before the first tokens: as timestamps
     sampled: list[mx.array] = []
     for step in range(sample_len):
-        sub = None
-        if temperature > 0:
+        sub = key
+        if sampling:
             key, sub = mx.random.split(key)
-        token, logprob = rule.choose(logits, step, last, penult, last_ts, temperature, sub)
-        sum_logprob = sum_logprob + mx.where(done, 0.0, logprob)
-        token = mx.where(done, eot, token).astype(mx.int32)
-        done = done | (token == eot)
-        last_ts = mx.where(token >= ts_begin, token, last_ts)
+        fn = rule.step_fn(step == 0, sampling)
+        token, done, sum_logprob, last_ts = fn(logits, last, penult, last_ts, done, sum_logprob, temp, sub)
         penult, last = last, token
         sampled.append(token)
         if step + 1 == sample_len:

@@ -46,14 +46,14 @@ class EngineOptions:
     sample_len: int | None = None
 
     # ---- the batched engine's own ----
-    # Each file is cut, at its quietest points, into regions at least this long (seconds), each
-    # decoded like sequential Whisper (seek to the last timestamp, previous text as the prompt)
-    # while the regions of all files advance together, one batch row each. Longer regions = fewer
-    # joins and more context (closer to sequential); shorter = more rows to fill a batch with.
-    min_region_s: float = 30.0
-    # Regions are never longer than this, however few rows a batch needs; bounds a region's
-    # rounds (and so the job's latency) on long files.
-    max_region_s: float = 240.0
+    # Each file is cut into regions of about this length (seconds), at the quietest point within
+    # cut_search_s of it; each region is decoded like sequential Whisper (seek to the last
+    # timestamp, previous text as the prompt) while the regions of all files advance together,
+    # one batch row each. Longer regions = fewer joins, more prompt context and fewer windows
+    # (each region ends in a part-empty window); shorter = more rows to fill a batch with, so
+    # fewer rounds. None: 120 s on a CPU, where the encoder dominates and every window counts;
+    # 25 s on a GPU (cuts between 20 and 30 s: a region fits one window), where rounds dominate.
+    region_s: float | None = None
     # Cut points are searched this far either side of the planned boundary (seconds).
     cut_search_s: float = 5.0
     # Check whether every row of a batch has finished once per this many decoding steps

@@ -10,7 +10,6 @@ nobody speaks.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -35,32 +34,19 @@ def frame_energy(mel: mx.array) -> np.ndarray:
     return np.array(mx.mean(mel, axis=1))
 
 
-def plan_regions(
-    energy: np.ndarray, *, file_index: int, n_regions: int, min_region_s: float, max_region_s: float, search_s: float
-) -> list[Region]:
-    """Cut a file into about ``n_regions`` regions (bounded by min/max length) at quiet points.
-
-    Each boundary is planned at an even share of the file and moved to the quietest 0.3 s within
-    ``search_s`` of it.
-    """
+def plan_regions(energy: np.ndarray, *, file_index: int, region_s: float, search_s: float) -> list[Region]:
+    """Cut a file into regions of about ``region_s`` seconds, each boundary at the quietest 0.3 s
+    within ``search_s`` of its planned place, measured from the previous cut (so a region is never
+    longer than region_s + search_s)."""
     n_frames = len(energy)
     if n_frames == 0:
         return []
-    duration_s = n_frames / FRAMES_PER_SECOND
-    n = max(1, min(n_regions, int(duration_s // min_region_s)))
-    n = max(n, math.ceil(duration_s / max_region_s))
-    if n == 1:
-        return [Region(file_index, 0, n_frames)]
+    target = int(region_s * FRAMES_PER_SECOND)
+    search = int(min(search_s, region_s / 2) * FRAMES_PER_SECOND)
     smooth = np.convolve(energy, np.ones(QUIET_SPAN_FRAMES) / QUIET_SPAN_FRAMES, mode="same")
-    step = n_frames / n
-    search = int(search_s * FRAMES_PER_SECOND)
     cuts = [0]
-    for k in range(1, n):
-        target = int(round(k * step))
-        lo = max(cuts[-1] + MIN_WINDOW_FRAMES, target - search)
-        hi = min(n_frames - MIN_WINDOW_FRAMES, target + search)
-        if hi <= lo:
-            continue
+    while n_frames - cuts[-1] > target + search:
+        lo, hi = cuts[-1] + target - search, cuts[-1] + target + search
         cuts.append(lo + int(np.argmin(smooth[lo:hi])))
     cuts.append(n_frames)
     return [Region(file_index, a, b) for a, b in zip(cuts[:-1], cuts[1:])]

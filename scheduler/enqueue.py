@@ -209,8 +209,6 @@ class Enqueuer:
         for entry in entries:
             if isinstance(entry, Skipped):
                 self._skip(entry)
-            elif entry.size == 0:
-                self._skip(Skipped(entry.path_bytes, "empty file (0 bytes)"))
             else:
                 if self.on_found:
                     self.on_found(entry)

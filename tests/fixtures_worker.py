@@ -84,19 +84,6 @@ KILL_TEST_CLIPS = tuple(
 )
 
 
-def write_bad_files(dest: Path, shared_audio: Path) -> dict[str, Path]:
-    """A corrupt file (a real WAV cut to its header and noise), a zero-byte file, a text file named .wav."""
-    dest.mkdir(parents=True, exist_ok=True)
-    good = (shared_audio / "en" / "timit_LDC93S1.wav").read_bytes()
-    corrupt = dest / "corrupt.wav"
-    corrupt.write_bytes(b"RIFF\xff\xff\xff\x7fWAVEfmt " + os.urandom(4096) + good[-2000:])
-    empty = dest / "empty.wav"
-    empty.write_bytes(b"")
-    text = dest / "notes.wav"
-    text.write_text("These are the archivist's notes, not audio.\n" * 20)
-    return {"corrupt": corrupt, "empty": empty, "text": text}
-
-
 def enqueue(paths: list[Path], *, model: str = TEST_MODEL, word_timestamps: bool = True) -> list[int]:
     """Enqueue through the scheduler's own code, then dispatch; return the new job ids."""
     from scheduler.enqueue import Enqueuer, job_spec
@@ -162,7 +149,8 @@ def job_rows() -> list:
             select(func.count(Transcript.id)).where(Transcript.job_id == Job.id).correlate(Job).scalar_subquery()
         )
         return session.execute(
-            select(Job.id, Job.path, Job.status, Job.error, Job.attempts, Job.worker_host, n_transcripts.label("transcripts"))
+            select(Job.id, Job.path, Job.status, Job.error, Job.attempts, Job.worker_host, Job.duration_s,
+                   n_transcripts.label("transcripts"))
             .order_by(Job.id)
         ).all()
 

@@ -125,3 +125,36 @@ def test_finalize_words_clamps_across_windows():
     assert out[0].words[1].end_s == 5.0  # inside its segment
     assert out[1].words[0].start_s == 5.0  # after the previous word
     assert out[1].words[1] == second.words[1]  # untouched where nothing is wrong
+
+
+@pytest.mark.slow
+def test_decoder_probabilities_skip_the_vocabulary_pass(tiny, clips, jfk_sequential):
+    """Given the decoder's token probabilities, the times are the same and the words carry them."""
+    from dataclasses import replace
+
+    from engine.words import add_word_timestamps
+
+    features, [jfk] = mlx_windows(clips["jfk"], tiny, jfk_sequential)
+    given = replace(jfk, token_probs=tuple(tuple(0.5 for _ in seg) for seg in jfk.tokens))
+    [recomputed], [from_decoder] = add_word_timestamps(tiny, features, [jfk]), add_word_timestamps(tiny, features, [given])
+    assert [(w.word, w.start_s, w.end_s) for w in _words(from_decoder)] == [
+        (w.word, w.start_s, w.end_s) for w in _words(recomputed)
+    ]
+    assert {w.probability for w in _words(from_decoder)} == {0.5}
+
+
+def test_median_filter_matches_mlx_whisper_per_window():
+    """The on-device filter reflects at each window's own edge, as mlx_whisper's does per window."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_whisper.timing import median_filter
+
+    from engine.words import _median_filter
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 2, 5, 40)).astype(np.float32)
+    x[0, :, :, 7] = x[0, :, :, 8]  # ties
+    n_audio = np.array([40, 11, 3, 4, 5, 1, 39, 8])
+    got = np.array(_median_filter(mx.array(x), n_audio))
+    for i, n in enumerate(n_audio):
+        np.testing.assert_array_equal(got[i, :, :, :n], median_filter(x[i, :, :, :n], 7))

@@ -33,8 +33,14 @@ def _url_in_new_process(env: dict) -> str:
     return out.stdout.strip()
 
 
-def test_embedded_broker_lifecycle(data_dir: Path):
+@pytest.fixture
+def env(data_dir: Path):
     env = dict(os.environ)
+    yield env
+    _cli(env, "broker", "stop")  # never leave a server behind, whatever the test did
+
+
+def test_embedded_broker_lifecycle(data_dir: Path, env: dict):
     assert _status(env)["running"] is False  # status starts nothing
 
     # Three processes racing to need a broker get one server between them.
@@ -76,7 +82,7 @@ def test_embedded_broker_lifecycle(data_dir: Path):
 
 def test_configured_broker_is_not_managed(data_dir: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("ARCHIVE_ASR_BROKER_URL", "redis://127.0.0.1:1/0")
-    env = dict(os.environ)
+    env = dict(os.environ)  # not the fixture: nothing embedded to clean up
     out = _cli(env, "broker", "stop")
     assert out.returncode != 0 and "ARCHIVE_ASR_BROKER_URL is set" in out.stderr
     status = _status(env)

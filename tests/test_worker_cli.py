@@ -51,7 +51,7 @@ def test_run_transcribes_a_folder_end_to_end(shared_audio: Path, tmp_path: Path,
     (folder / "broken.wav").write_text("not audio")
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "worker", "run", str(folder), "--quiet"],
+            [sys.executable, "-m", "worker", "run", str(folder), "--quiet", "--batch-size", "2"],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=280,
         )
     finally:
@@ -66,5 +66,31 @@ def test_run_transcribes_a_folder_end_to_end(shared_audio: Path, tmp_path: Path,
     sql = query.split('"', 1)[1].rsplit('"', 1)[0]
     rows = sqlite3.connect(db).execute(sql).fetchall()  # the printed query works and finds the transcripts
     assert len(rows) == 3
+    assert {n for (n,) in sqlite3.connect(db).execute("SELECT batch_size FROM transcripts")} == {2}  # --batch-size reached the engine
     jfk = next(r for r in rows if r[0].endswith("jfk.flac"))
     assert "ask not what your country" in jfk[3].lower() or "fellow americans" in jfk[3].lower()
+
+
+@pytest.mark.timeout(120)
+def test_worker_waits_for_an_unreachable_database_and_says_so(data_dir: Path, tmp_path: Path):
+    import os
+    import signal
+    import time
+
+    env = dict(os.environ, ARCHIVE_ASR_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none",
+               ARCHIVE_ASR_BROKER_URL="redis://127.0.0.1:1/0")
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "worker", "worker", "--model", "tiny.en"],
+                                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and log.read_text().count("database unavailable") < 2:
+                time.sleep(0.5)
+            assert proc.poll() is None  # still waiting, not crashed
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+    text = log.read_text()
+    assert text.count("database unavailable") >= 2 and "retrying in 2 s" in text
+    assert "127.0.0.1:1" in text and "Traceback" not in text

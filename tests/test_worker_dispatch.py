@@ -131,3 +131,21 @@ def test_queue_names_are_per_model():
     a, b = queue_for_model("/models/a/whisper-small"), queue_for_model("/models/b/whisper-small")
     assert a != b and a.startswith("asr.whisper-small-")
     assert queue_for_model("mlx-community/whisper-large-v3-mlx").startswith("asr.whisper-large-v3-mlx-")
+
+
+def test_released_job_with_a_waiting_message_is_not_sent_twice(env: str, shared_audio: Path, tmp_path: Path):
+    """A short job claimed along with another keeps its own message; if its worker dies, that
+    message (still in the queue) is enough."""
+    import time
+
+    from models.db import session_scope
+    from models.jobs import claim_job
+    from worker.reconcile import reconcile
+
+    first, second = enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:2]))
+    with session_scope() as session:  # a worker took `first`'s message... and claimed `second` too
+        assert claim_job(session=session, job_id=second, worker_host="gone:1", lease_s=0.2)
+    time.sleep(0.5)
+    report = reconcile(force=True, grace=0)
+    assert report.released == [second] and report.redispatched == []
+    assert _queue(env) == sorted([first, second])  # one message each, as before

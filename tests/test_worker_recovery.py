@@ -56,15 +56,18 @@ def test_sigkilled_worker_loses_nothing(redis_url: str, pg_url: str, shared_audi
     assert len(ids) == 20
 
     with workers(env, tmp_path, 2) as (victim, survivor):
-        # Kill the victim in the middle of a job: once it holds one and has started on it.
+        # Kill the victim in the middle of a job: once it holds real audio (seconds of work, where
+        # a bad file fails in milliseconds) and has started on it.
         def victim_jobs():
-            return [r.id for r in job_rows() if r.status.value == "running" and r.worker_host and f":{victim.pid}" in r.worker_host]
+            return [r.id for r in job_rows()
+                    if r.status.value == "running" and r.duration_s and f":{victim.pid}" in (r.worker_host or "")]
 
-        held = wait_for(victim_jobs, 120, "the first worker to start a job")
-        time.sleep(1.0)
-        held = victim_jobs() or held
+        wait_for(victim_jobs, 120, "the first worker to start a job")
+        time.sleep(0.5)
         victim.kill()
         killed_at = time.monotonic()
+        held = victim_jobs()  # the dead worker's rows can't change any more; its leases run out
+        assert held, "the victim finished its jobs before the kill"
         rows = wait_until_settled(300, [victim, survivor])
         recovered_after_s = time.monotonic() - killed_at
 

@@ -353,6 +353,10 @@ def run(paths: tuple[Path, ...], model: str | None, language: str | None, batch_
 
     click.echo(f"results: {safe_url(url)}")
     click.echo(f"try: {_sql_hint(url)}")
+    from worker.broker import is_embedded
+
+    if is_embedded():
+        click.echo("(the embedded broker keeps running for the next command: `archive-asr broker stop` stops it)", err=True)
 
 
 def _drain(model: str, batch_size: str | None, log_path: Path, quiet: bool) -> None:

@@ -11,7 +11,6 @@ duplicates one whose message is merely waiting in a long queue. See worker.recon
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from archive_asr.errors import BrokerUnavailable
 from worker.app import TASK_NAME, app, message_priority, queue_for_model
 from worker.broker import broker_url, client, ping, redacted
 
-log = logging.getLogger(__name__)
 
 MARKERS_KEY = "archive-asr:dispatched"  # hash: job id -> "<queue> <unix time>"
 CHUNK = 500  # jobs per database read and per Redis pipeline
