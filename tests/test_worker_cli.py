@@ -61,14 +61,15 @@ def test_run_transcribes_a_folder_end_to_end(shared_audio: Path, tmp_path: Path,
     assert "broken.wav" in out.stderr  # the failure and its reason are shown
     db = tmp_path / "data" / "archive.db"
     assert f"results: sqlite:///{db}" in out.stdout
-    query = out.stdout.split("try: ", 1)[1].strip()
+    query = out.stdout.split("query:", 1)[1].strip().splitlines()[0]
     assert query.startswith(f"sqlite3 '{db}'")
     sql = query.split('"', 1)[1].rsplit('"', 1)[0]
     rows = sqlite3.connect(db).execute(sql).fetchall()  # the printed query works and finds the transcripts
     assert len(rows) == 3
     assert {n for (n,) in sqlite3.connect(db).execute("SELECT batch_size FROM transcripts")} == {2}  # --batch-size reached the engine
     jfk = next(r for r in rows if r[0].endswith("jfk.flac"))
-    assert "ask not what your country" in jfk[3].lower() or "fellow americans" in jfk[3].lower()
+    assert "ask not what your country" in jfk[4].lower() or "fellow americans" in jfk[4].lower()
+    assert "x_real_time" in out.stdout and "country" in out.stdout  # and its result is printed
 
 
 @pytest.mark.timeout(120)

@@ -289,16 +289,41 @@ def _stop_worker(proc: subprocess.Popen, timeout_s: float = 60) -> None:
             proc.wait()
 
 
+# The query `run` shows at the end; it runs as is on SQLite and PostgreSQL.
+RESULTS_SQL = (
+    "SELECT j.path, t.language, round(CAST(t.duration_s AS numeric), 1) AS seconds, "
+    "round(CAST(t.real_time_factor AS numeric), 1) AS x_real_time, substr(t.text, 1, 60) AS text "
+    "FROM jobs j JOIN transcripts t ON t.job_id = j.id ORDER BY j.path;"
+)
+
+
 def _sql_hint(url: str) -> str:
-    query = (
-        "SELECT j.path, t.language, round(t.duration_s, 1) AS seconds, substr(t.text, 1, 60) AS text "
-        "FROM jobs j JOIN transcripts t ON t.job_id = j.id ORDER BY j.path;"
-    )
+    """The shell command that runs RESULTS_SQL against this database."""
     if url.startswith("sqlite"):
-        return f"sqlite3 '{url.split(':///', 1)[1]}' \"{query}\""
+        return f"sqlite3 '{url.split(':///', 1)[1]}' \"{RESULTS_SQL}\""
     from models.db import safe_url
 
-    return f"psql '{safe_url(url).replace('+psycopg', '')}' -c \"{query}\""
+    return f"psql '{safe_url(url).replace('+psycopg', '')}' -c \"{RESULTS_SQL}\""
+
+
+def _show_results(url: str) -> None:
+    """Print where the results are, one SQL query over them, and what it returns."""
+    from rich.console import Console
+    from rich.table import Table
+    from sqlalchemy import text
+
+    from models.db import safe_url, session_scope
+
+    click.echo(f"results: {safe_url(url)}")
+    click.echo(f"query:   {_sql_hint(url)}")
+    with session_scope() as session:
+        result = session.execute(text(RESULTS_SQL))
+        table = Table()
+        for name in result.keys():
+            table.add_column(name, overflow="fold")  # full paths, wrapped rather than cut
+        for row in result:
+            table.add_row(*("" if v is None else str(v) for v in row))
+    Console().print(table)
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -348,11 +373,7 @@ def run(paths: tuple[Path, ...], model: str | None, language: str | None, batch_
     counts = _counts()
     click.echo(f"done: {counts.get('done', 0)}, failed: {counts.get('failed', 0)} (all jobs in the database)")
     _print_failures()
-    url = settings.resolved_database_url
-    from models.db import safe_url
-
-    click.echo(f"results: {safe_url(url)}")
-    click.echo(f"try: {_sql_hint(url)}")
+    _show_results(settings.resolved_database_url)
     from worker.broker import is_embedded
 
     if is_embedded():
