@@ -57,6 +57,7 @@ def report(reference, candidate) -> dict:
         "paired_pct": 100 * len(pairs) / max(n_ref, 1),
         "start_ms": (np.median(start), np.percentile(start, 95), start.max()) if len(pairs) else None,
         "end_ms": (np.median(end), np.percentile(end, 95), end.max()) if len(pairs) else None,
+        "worst": sorted(pairs, key=lambda rc: -max(abs(rc[0][1] - rc[1][1]), abs(rc[0][2] - rc[1][2])))[:5],
     }
 
 
@@ -114,6 +115,9 @@ def main() -> None:
     if r["start_ms"]:
         print("|start diff| ms: median {:.0f} (target <= 50), p95 {:.0f} (target <= 200), max {:.0f}".format(*r["start_ms"]))
         print("|end diff|   ms: median {:.0f}, p95 {:.0f}, max {:.0f}".format(*r["end_ms"]))
+        print("largest differences (sequential | batched):")
+        for ref, cand in r["worst"]:
+            print(f"  {ref[0]!r:>16} {ref[1]:8.2f} {ref[2]:8.2f} | {cand[0]!r:>16} {cand[1]:8.2f} {cand[2]:8.2f}")
 
 
 if __name__ == "__main__":

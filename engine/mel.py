@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 
 import mlx.core as mx
 import numpy as np
-from mlx_whisper.audio import HOP_LENGTH, N_FFT, N_FRAMES, SAMPLE_RATE, hanning, mel_filters
+from mlx_whisper.audio import HOP_LENGTH, N_FFT, N_FRAMES, hanning, mel_filters
 
 BLOCK_FRAMES = N_FRAMES  # 3000 frames = 30 s: the unit of computation and of clamping
 PAD = N_FFT // 2  # 200 samples of context each side of a frame's centre
@@ -34,6 +34,10 @@ class _SampleQueue:
         if len(x):
             self._chunks.append(x)
             self.size += len(x)
+
+    def push_front(self, x: np.ndarray) -> None:
+        self._chunks.appendleft(x)
+        self.size += len(x)
 
     def peek(self, n: int) -> np.ndarray:
         """A copy of the first n samples (n <= size)."""
@@ -92,7 +96,7 @@ def iter_log_mel(
             # reflect the first 200 samples as mlx_whisper's STFT does, once there are 201
             if queue.size <= PAD:
                 continue
-            queue = _prepend(queue, queue.peek(PAD + 1)[1:][::-1].copy())
+            queue.push_front(queue.peek(PAD + 1)[1:][::-1].copy())
             started = True
         while queue.size >= block_samples:
             yield _block(queue.peek(block_samples), block_frames, n_mels)
@@ -100,7 +104,7 @@ def iter_log_mel(
             emitted += block_frames
     if not started:  # under 201 samples in all: reflect what there is, zeros after it
         head = np.concatenate([queue.peek(queue.size), np.zeros(PAD + 1, np.float32)])[: PAD + 1]
-        queue = _prepend(queue, head[1:][::-1].copy())
+        queue.push_front(head[1:][::-1].copy())
     # the tail: zeros after the end, as mlx_whisper.transcribe pads the audio with 30 s of them
     total = n_samples // HOP_LENGTH
     while emitted < total:
@@ -113,14 +117,6 @@ def iter_log_mel(
         emitted += n
 
 
-def _prepend(queue: _SampleQueue, head: np.ndarray) -> _SampleQueue:
-    out = _SampleQueue()
-    out.push(head)
-    for c in queue._chunks:
-        out.push(c)
-    return out
-
-
 def log_mel(audio: np.ndarray | mx.array, n_mels: int = 80, *, block_frames: int = BLOCK_FRAMES) -> mx.array:
     """(len(audio) // 160, n_mels) log-mel of in-memory 16 kHz audio, computed block by block."""
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
@@ -129,10 +125,3 @@ def log_mel(audio: np.ndarray | mx.array, n_mels: int = 80, *, block_frames: int
         return mx.zeros((0, n_mels), dtype=mx.float32)
     return mx.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
 
-
-def duration_frames(n_samples: int) -> int:
-    """Mel frames of n_samples of audio (100 per second)."""
-    return n_samples // HOP_LENGTH
-
-
-__all__ = ["BLOCK_FRAMES", "SAMPLE_RATE", "HOP_LENGTH", "iter_log_mel", "log_mel", "duration_frames"]

@@ -51,7 +51,7 @@ class EngineOptions:
     # timestamp, previous text as the prompt) while the regions of all files advance together,
     # one batch row each. Longer regions = fewer joins, more prompt context and fewer windows
     # (each region ends in a part-empty window); shorter = more rows to fill a batch with, so
-    # fewer rounds. None: 120 s on a CPU, where the encoder dominates and every window counts;
+    # fewer rounds. None: 60 s on a CPU, where the encoder dominates and every window counts;
     # 25 s on a GPU (cuts between 20 and 30 s: a region fits one window), where rounds dominate.
     region_s: float | None = None
     # Cut points are searched this far either side of the planned boundary (seconds).

@@ -251,7 +251,7 @@ def _touches(seg: Segment, p: Placed) -> bool:
 
 
 def _clamp(t: float, p: Placed) -> float:
-    return round(min(max(t - p.offset_s, 0.0), p.duration_s), 3)
+    return min(round(max(t - p.offset_s, 0.0), 3), p.duration_s)  # rounded, yet never past the clip
 
 
 def _shift(seg: Segment, p: Placed) -> Segment:

@@ -35,13 +35,15 @@ log = logging.getLogger(__name__)
 
 INPUT_STRIDE = N_FRAMES // 1500  # mel frames per timestamp step: 2
 TIME_PRECISION_S = INPUT_STRIDE * HOP_LENGTH / SAMPLE_RATE  # 0.02 s per timestamp token
-# log-mel units: Whisper clamps at (max - 8) in log10, then maps x -> (x + 4) / 4
-CLAMP_RANGE = 2.0
-SILENT_MARGIN = 1e-3  # a window whose loudest frame is within this of the clamp floor is digital silence
-# Default region lengths (EngineOptions.region_s). On the 10-minute benchmark file, CPU, tiny.en,
-# regions of >= 120 s gave 7.6 % WER at 2.5x sequential's speed, >= 30 s 8.1 % at 2.2x
-# (sequential: 8.1 %). On a GPU a 20-30 s region fits one window, so most need one round.
-CPU_REGION_S = 120.0
+# Digital silence is flat at the log-mel clamp floor: a window whose frames all have (almost) no
+# spread across mel bands and the same level holds nothing to decode. (Not a level threshold: the
+# clamp is per 30 s block in engine.mel, so quiet speech may sit below a loud block's floor.)
+FLAT = 1e-3
+# Default region lengths (EngineOptions.region_s). 10-minute benchmark file, CPU, tiny.en, WER
+# (sequential mlx_whisper: 8.1 %): 25 s 7.6 %, 60 s 7.9 % at 2.3x sequential's speed, 120 s 9.0 %
+# at 2.3x (one prompted window skipped a sentence; cut placement alone moves WER ~1 point here).
+# On a GPU a 20-30 s region fits one window, so most rows need one round.
+CPU_REGION_S = 60.0
 GPU_REGION_S = 25.0
 MIN_SAMPLES = 160  # shorter audio (< 10 ms, one mel frame) holds nothing to transcribe
 
@@ -81,6 +83,12 @@ def transcribe_many(
     loaded = holder.get_model(model_name)
     if options.language and not loaded.is_multilingual and options.language.lower() != "en":
         raise ValueError(f"model {loaded.name} is English-only; it cannot transcribe language {options.language!r}")
+    from engine import packing  # issue 4: short inputs share windows (engine/packing.py)
+
+    if len(audios_or_paths) > 1 and not packing.active():
+        return packing.transcribe_packed(
+            audios_or_paths, model_name=model_name, options=options, return_exceptions=return_exceptions
+        )
     batch_size = _batch_size(loaded, options)
     started = time.perf_counter()
     outcomes: list = []
@@ -118,7 +126,7 @@ class _File:
     audio_s: float
     mel: mx.array | None = None  # (n_frames, n_mels), float32
     energy: np.ndarray | None = None  # (n_frames,) mean log-mel per frame
-    floor: float = 0.0  # the clamp floor of this file's log-mel
+    spread: np.ndarray | None = None  # (n_frames,) max - min over the mel bands of each frame
     language: str | None = None  # decoding language (None: not decided yet)
     reported_language: str | None = None
     language_probability: float | None = None
@@ -156,11 +164,11 @@ def _prepare(f: _File, audio: np.ndarray, loaded, options: EngineOptions) -> Non
     """The file's log-mel (once), its per-frame energy, and its forced language."""
     n_frames = len(audio) // HOP_LENGTH
     if len(audio) < MIN_SAMPLES or not np.any(audio):
-        f.mel, f.energy = None, np.zeros(0)  # nothing to transcribe (empty, or digital silence)
+        f.mel = None  # nothing to transcribe (empty, or digital silence)
     else:
         f.mel = _log_mel(audio, loaded.dims.n_mels)[:n_frames]
         f.energy = frame_energy(f.mel)
-        f.floor = float(mx.max(f.mel).item()) - CLAMP_RANGE
+        f.spread = np.array(mx.max(f.mel, axis=1) - mx.min(f.mel, axis=1))
     if not loaded.is_multilingual:
         f.language = "en"
     elif options.language:
@@ -257,7 +265,8 @@ class _Engine:
         live, mels, sizes = [], [], []
         for s in streams:
             mel, size = window_mel(s.file.mel, s.seek, s.region.end_frame)
-            if s.file.energy[s.seek : s.seek + size].max() <= s.file.floor + SILENT_MARGIN:
+            energy = s.file.energy[s.seek : s.seek + size]
+            if s.file.spread[s.seek : s.seek + size].max() < FLAT and energy.max() - energy.min() < FLAT:
                 s.seek += size  # digital silence: nothing to decode
                 continue
             live.append(s)

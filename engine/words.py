@@ -17,6 +17,7 @@ Padding is harmless: the decoder's self-attention is causal, so tokens appended 
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -28,6 +29,8 @@ from mlx_whisper.timing import WordTiming, merge_punctuations
 from mlx_whisper.tokenizer import Tokenizer
 
 from archive_asr.records import Segment, Word
+
+log = logging.getLogger(__name__)
 
 # Whisper's defaults (mlx_whisper.transcribe).
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
@@ -88,6 +91,10 @@ def add_word_timestamps(
         budget_bytes = default_budget_bytes()
     aligned = [_prepare(model, w) for w in windows]
     todo = [a for a in aligned if any(a.text_tokens)]
+    fits = [a for a in todo if len(_row(a)) <= model.dims.n_text_ctx]
+    if len(fits) < len(todo):  # Whisper samples at most n_text_ctx / 2 tokens per window
+        log.warning("%d window(s) hold more tokens than the decoder's context: no words", len(todo) - len(fits))
+    todo = fits
     for batch in _sub_batches(model, todo, budget_bytes):
         _align_batch(model, audio_features, batch)
     return [
