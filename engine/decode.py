@@ -250,12 +250,13 @@ def decode_batch(
     *,
     temperature: float,
     options: EngineOptions,
-    rules: Sequence[TokenRules],
+    rules: TokenRules,
 ) -> list[WindowResult]:
     """Greedily decode (temperature 0) or sample every window of the batch, together.
 
-    model: mlx_whisper Whisper. tokenizers/prompts/rules: one per row (rows may differ in language
-    and prompt). audio_features: (batch, n_audio_ctx, n_audio_state) encoder output.
+    model: mlx_whisper Whisper. tokenizers/prompts: one per row (rows may differ in language and
+    prompt). audio_features: (batch, n_audio_ctx, n_audio_state) encoder output. rules: the
+    vocabulary's TokenRules (the same for every language of a model).
     """
     n_batch = audio_features.shape[0]
     n_ctx = model.dims.n_text_ctx
@@ -279,7 +280,6 @@ def decode_batch(
 
     eot = tokenizers[0].eot
     ts_begin = tokenizers[0].timestamp_begin
-    rule = rules[0]  # the rules depend only on the vocabulary layout, shared by every language
     sampling = temperature > 0
     key = mx.random.key(0)
     temp = mx.array(temperature if sampling else 1.0, mx.float32)
@@ -292,7 +292,7 @@ def decode_batch(
         sub = key
         if sampling:
             key, sub = mx.random.split(key)
-        fn = rule.step_fn(step == 0, sampling)
+        fn = rules.step_fn(step == 0, sampling)
         token, done, sum_logprob, last_ts = fn(logits, last, penult, last_ts, done, sum_logprob, temp, sub)
         penult, last = last, token
         sampled.append(token)

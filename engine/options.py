@@ -49,11 +49,11 @@ class EngineOptions:
     # Each file is cut into regions of about this length (seconds), at the quietest point within
     # cut_search_s of it; each region is decoded like sequential Whisper (seek to the last
     # timestamp, previous text as the prompt) while the regions of all files advance together,
-    # one batch row each. Longer regions = fewer joins, more prompt context and fewer windows
-    # (each region ends in a part-empty window); shorter = more rows to fill a batch with, so
-    # fewer rounds. None: 60 s on a CPU, where the encoder dominates and every window counts;
-    # 25 s on a GPU (cuts between 20 and 30 s: a region fits one window), where rounds dominate.
-    region_s: float | None = None
+    # one batch row each. 25 s (cuts 20-30 s apart): a region fits one window, so most rows finish
+    # in one round and the next holds only the tails Whisper left. Longer regions give more prompt
+    # context but more rounds; measured on CPU and in readme_engine.md, 25 s was both the fastest
+    # and the most accurate of 25/60/120 s.
+    region_s: float = 25.0
     # Cut points are searched this far either side of the planned boundary (seconds).
     cut_search_s: float = 5.0
     # Check whether every row of a batch has finished once per this many decoding steps

@@ -113,18 +113,20 @@ def transcribe_packed(
     elif short:
         groups[(options.language or "en").lower()] = short
 
-    with unpacked():
-        if solo:
-            solo.sort()
-            for slot, t in zip(solo, transcribe_many([audios[s] for s in solo], model_name=model_name, options=options)):
-                outcomes[slot] = t
-        for language, slots in groups.items():
-            packs = list(_packs(slots, audios))
-            forced = replace(options, language=language)
-            done = transcribe_many([signal for signal, _ in packs], model_name=model_name, options=forced)
-            for (_, placed), packed in zip(packs, done):
-                for p, segments in zip(placed, split_segments(packed.segments, placed)):
-                    outcomes[p.slot] = _clip_transcript(packed, p, segments, language, scores.get(p.slot), options)
+    # One call for everything, so all windows share batches (a call per language would run the
+    # languages' rounds one after another: on a GPU rounds, not rows, are what costs time).
+    solo.sort()
+    packs = [(language, signal, placed) for language, slots in groups.items() for signal, placed in _packs(slots, audios)]
+    inputs = [audios[s] for s in solo] + [signal for _, signal, _ in packs]
+    languages = [None] * len(solo) + [language for language, _, _ in packs]
+    if inputs:
+        with unpacked():
+            done = transcribe_many(inputs, model_name=model_name, options=options, languages=languages)
+        for slot, t in zip(solo, done):
+            outcomes[slot] = t
+        for (language, _, placed), packed in zip(packs, done[len(solo) :]):
+            for p, segments in zip(placed, split_segments(packed.segments, placed)):
+                outcomes[p.slot] = _clip_transcript(packed, p, segments, language, scores.get(p.slot), options)
 
     wall_s = time.perf_counter() - started
     total_s = sum(len(a) for a in audios.values()) / SAMPLE_RATE or 1.0

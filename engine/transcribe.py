@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import engine  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
-from mlx_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+from mlx_whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
 
 from archive_asr.records import Segment, Timing, Transcript
 from engine import holder
@@ -39,12 +39,7 @@ TIME_PRECISION_S = INPUT_STRIDE * HOP_LENGTH / SAMPLE_RATE  # 0.02 s per timesta
 # spread across mel bands and the same level holds nothing to decode. (Not a level threshold: the
 # clamp is per 30 s block in engine.mel, so quiet speech may sit below a loud block's floor.)
 FLAT = 1e-3
-# Default region lengths (EngineOptions.region_s). 10-minute benchmark file, CPU, tiny.en, WER
-# (sequential mlx_whisper: 8.1 %): 25 s 7.6 %, 60 s 7.9 % at 2.3x sequential's speed, 120 s 9.0 %
-# at 2.3x (one prompted window skipped a sentence; cut placement alone moves WER ~1 point here).
-# On a GPU a 20-30 s region fits one window, so most rows need one round.
-CPU_REGION_S = 60.0
-GPU_REGION_S = 25.0
+SHORT_WINDOW_FRAMES = 100  # 1 s: see _is_silence
 MIN_SAMPLES = 160  # shorter audio (< 10 ms, one mel frame) holds nothing to transcribe
 
 
@@ -72,13 +67,15 @@ def transcribe_many(
     model_name: str | None = None,
     options: EngineOptions = EngineOptions(),
     return_exceptions: bool = False,
+    languages: Sequence[str | None] | None = None,
 ) -> list:
     """Transcribe several files together: windows of all of them share batches.
 
     Returns one Transcript per input, in order. A path that cannot be decoded raises
     AudioDecodeError, or, with return_exceptions=True, puts that error in its place while the other
     files are transcribed (the worker records it on that file's job alone). Each Transcript's
-    Timing.wall_s is its share (by duration) of the whole call's wall time.
+    Timing.wall_s is its share (by duration) of the whole call's wall time. ``languages``: per
+    input, a forced decoding language (None: options.language, or detect), e.g. from packing.
     """
     loaded = holder.get_model(model_name)
     if options.language and not loaded.is_multilingual and options.language.lower() != "en":
@@ -103,6 +100,8 @@ def transcribe_many(
             continue
         f = _File(index=len(files), audio_s=len(audio) / SAMPLE_RATE)
         _prepare(f, audio, loaded, options)
+        if languages is not None and languages[index] and loaded.is_multilingual:
+            f.language = f.reported_language = languages[index].lower()
         files.append(f)
         outcomes.append(f)
     _Engine(loaded, options, batch_size).run(files)
@@ -124,7 +123,7 @@ class _File:
 
     index: int
     audio_s: float
-    mel: mx.array | None = None  # (n_frames, n_mels), float32
+    mel: np.ndarray | None = None  # (n_frames, n_mels) float32 log-mel, in host memory
     energy: np.ndarray | None = None  # (n_frames,) mean log-mel per frame
     spread: np.ndarray | None = None  # (n_frames,) max - min over the mel bands of each frame
     language: str | None = None  # decoding language (None: not decided yet)
@@ -166,9 +165,12 @@ def _prepare(f: _File, audio: np.ndarray, loaded, options: EngineOptions) -> Non
     if len(audio) < MIN_SAMPLES or not np.any(audio):
         f.mel = None  # nothing to transcribe (empty, or digital silence)
     else:
-        f.mel = _log_mel(audio, loaded.dims.n_mels)[:n_frames]
-        f.energy = frame_energy(f.mel)
-        f.spread = np.array(mx.max(f.mel, axis=1) - mx.min(f.mel, axis=1))
+        mel = _log_mel(audio, loaded.dims.n_mels)[:n_frames]
+        f.energy = frame_energy(mel)
+        f.spread = np.array(mx.max(mel, axis=1) - mx.min(mel, axis=1))
+        # kept in host memory: on a GPU only the windows in flight take device memory, so the
+        # device's peak does not grow with the file's length (a 3 h mel is 345 MB)
+        f.mel = np.array(mel)
     if not loaded.is_multilingual:
         f.language = "en"
     elif options.language:
@@ -223,8 +225,7 @@ class _Engine:
         self.rules = TokenRules(base, loaded.dims.n_vocab, options)
         self.initial_prompt = base.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
         self.stats = RunStats()
-        on_gpu = mx.default_device() == mx.gpu
-        self.region_s = options.region_s or (GPU_REGION_S if on_gpu else CPU_REGION_S)
+        self.region_s = options.region_s
         self.words = None
         if options.word_timestamps:
             try:
@@ -330,7 +331,7 @@ class _Engine:
                 [prompts[i] for i in todo],
                 temperature=temperature,
                 options=o,
-                rules=[self.rules],
+                rules=self.rules,
             )
             again = []
             for i, r in zip(todo, decoded):
@@ -346,7 +347,7 @@ class _Engine:
     def _segments(self, s: _Stream, r: WindowResult, size: int, language: str) -> list[tuple[Segment, tuple[int, ...], str]]:
         """Whisper's segments from one window's tokens (timestamp pairs), absolute times."""
         o = self.options
-        if _is_silence(r, o):
+        if _is_silence(r, o, size):
             return []
         tok = self.tokenizer(language)
         ts_begin = tok.timestamp_begin
@@ -372,9 +373,13 @@ class _Engine:
                 duration_s = (stamps[-1] - ts_begin) * TIME_PRECISION_S
             pieces.append((offset_s, offset_s + duration_s, tokens))
         out = []
+        audio_end_s = offset_s + size * HOP_LENGTH / SAMPLE_RATE  # past this the window is padding
         for start_s, end_s, piece in pieces:
             raw = tok.decode([t for t in piece if t < tok.eot])
-            if start_s == end_s or not raw.strip():
+            if start_s >= audio_end_s:
+                continue  # nothing is said in the zero padding: text there is invented
+            end_s = min(end_s, audio_end_s)
+            if start_s >= end_s or not raw.strip():
                 continue
             seg = Segment(
                 start_s=round(start_s, 3),
@@ -417,7 +422,7 @@ class _Engine:
     def _advance(self, s: _Stream, r: WindowResult, size: int, segs) -> None:
         """Keep the window's segments; seek as sequential Whisper does."""
         o = self.options
-        if _is_silence(r, o):
+        if _is_silence(r, o, size):
             s.seek += size
             return
         ts_begin = self.rules.ts_begin
@@ -457,10 +462,15 @@ def _needs_fallback(r: WindowResult, o: EngineOptions) -> bool:
     return too_repetitive or too_unsure
 
 
-def _is_silence(r: WindowResult, o: EngineOptions) -> bool:
-    """Whisper's no-speech rule: likely silence and not confidently decoded."""
+def _is_silence(r: WindowResult, o: EngineOptions, size: int) -> bool:
+    """Whisper's no-speech rule: likely silence and not confidently decoded. A window with under
+    a second of audio (a region's last sliver) counts as silence on P(no speech) alone: there
+    Whisper writes fluent, confident text into the padding (measured: a 0.38 s tail with
+    P(no speech) 0.95 and log-probability -0.43 gave "I'm going to be able to do that" eight times)."""
     if o.no_speech_threshold is None or r.no_speech_prob <= o.no_speech_threshold:
         return False
+    if size < SHORT_WINDOW_FRAMES:
+        return True
     return not (o.logprob_threshold is not None and r.avg_logprob > o.logprob_threshold)
 
 

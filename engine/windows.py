@@ -52,11 +52,12 @@ def plan_regions(energy: np.ndarray, *, file_index: int, region_s: float, search
     return [Region(file_index, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def window_mel(mel: mx.array, seek: int, end_frame: int) -> tuple[mx.array, int]:
+def window_mel(mel: mx.array | np.ndarray, seek: int, end_frame: int) -> tuple[mx.array, int]:
     """The window at ``seek``: (N_FRAMES, n_mels) log-mel, zero-padded as mlx_whisper's pad_or_trim
-    pads it, and the number of real frames in it."""
+    pads it, and the number of real frames in it. ``mel`` may be held in host memory (numpy): only
+    the window goes to the device."""
     size = min(N_FRAMES, end_frame - seek)
-    window = mel[seek : seek + size]
+    window = mx.array(mel[seek : seek + size])
     if size < N_FRAMES:
         window = mx.pad(window, [(0, N_FRAMES - size), (0, 0)])
     return window, size

@@ -41,7 +41,7 @@ def _decode(tiny, features, prompts, temperature=0.0):
     tok = tiny.tokenizer()
     rules = TokenRules(tok, tiny.dims.n_vocab, options)
     return decode_batch(
-        tiny.model, [tok] * len(prompts), features, prompts, temperature=temperature, options=options, rules=[rules]
+        tiny.model, [tok] * len(prompts), features, prompts, temperature=temperature, options=options, rules=rules
     )
 
 
