@@ -18,22 +18,11 @@ import click
 
 from archive_asr.errors import ArchiveAsrError, ConfigError
 from archive_asr.settings import get_settings
+from worker.cli_options import parse_batch_size
 
 
 def _fail(e: Exception) -> click.ClickException:
     return click.ClickException(str(e))
-
-
-def _batch_size(value: str) -> int:
-    if value == "auto":
-        return 0
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n <= 0:
-        raise click.BadParameter("use 'auto' or a positive number of windows per batch", param_hint="--batch-size")
-    return n
 
 
 def worker_argv(*, model: str, concurrency: int, loglevel: str) -> list[str]:
@@ -90,7 +79,7 @@ def worker(model: str | None, batch_size: str | None, concurrency: int, loglevel
         raise click.ClickException(
             "MLX/Metal is not fork-safe: on macOS run one job per process; start another `archive-asr worker` instead"
         )
-    batch = _batch_size(batch_size) if batch_size is not None else settings.batch_size
+    batch = parse_batch_size(batch_size) if batch_size is not None else settings.batch_size
     try:
         _wait_for_database()
         from worker.app import app
@@ -338,7 +327,7 @@ def run(paths: tuple[Path, ...], model: str | None, language: str | None, batch_
 
     settings = get_settings()
     if batch_size:
-        _batch_size(batch_size)
+        parse_batch_size(batch_size)
     enqueue_args = ["enqueue", *map(str, paths)]
     if model:
         enqueue_args += ["--model", model]

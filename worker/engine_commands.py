@@ -15,6 +15,7 @@ import click
 
 from archive_asr.errors import ArchiveAsrError
 from archive_asr.settings import get_settings
+from worker.cli_options import parse_batch_size
 
 
 def _timestamp(seconds: float) -> str:
@@ -33,15 +34,7 @@ def _warn_blas() -> None:
 
 
 def _batch_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    if value == "auto":
-        return 0
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n <= 0:
-        raise click.BadParameter("use 'auto' or a positive number of windows per batch")
-    return n
+    return parse_batch_size(value)
 
 
 @click.command()
