@@ -49,11 +49,10 @@ class EngineOptions:
     # Each file is cut into regions of about this length (seconds), at the quietest point within
     # cut_search_s of it; each region is decoded like sequential Whisper (seek to the last
     # timestamp, previous text as the prompt) while the regions of all files advance together,
-    # one batch row each. 25 s (cuts 20-30 s apart): a region fits one window, so most rows finish
-    # in one round and the next holds only the tails Whisper left. Longer regions give more prompt
-    # context but more rounds; measured on CPU and in readme_engine.md, 25 s was both the fastest
-    # and the most accurate of 25/60/120 s.
-    region_s: float = 25.0
+    # one batch row each. Shorter regions = more rows and fewer rounds; longer = fewer joins and
+    # more prompt context. Measured (readme_engine.md, tiny.en CPU, WER on the 601 s / 229 s
+    # files; sequential 8.12 / 6.68 %): 25 s 7.56 / 5.42 %, 30 s 7.35 / 5.23 %, 60 s 7.91 / 5.42 %.
+    region_s: float = 30.0
     # Cut points are searched this far either side of the planned boundary (seconds).
     cut_search_s: float = 5.0
     # Check whether every row of a batch has finished once per this many decoding steps

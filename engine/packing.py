@@ -6,8 +6,9 @@ Here the short inputs of one call are joined into long "packed" signals, GAP_S o
 between clips, and each packed signal goes through the engine's ordinary long-file path
 (engine.transcribe.transcribe_many: regions cut at the quietest points, which are the gaps; full
 windows; seek to Whisper's last timestamp). The segments that come back are handed to the clips
-by time: a word belongs to the clip around its middle (the boundary between two clips is the
-middle of their gap), a segment whose words fall in two clips is split there, and a segment
+by time. Packed signals are always word-aligned for this (words the caller did not ask for are
+dropped afterwards): a word belongs to the clip around its middle (the boundary between two clips
+is the middle of their gap), a segment whose words fall in two clips is split there, and a segment
 without words goes to the clip it overlaps most. Times are then shifted to each clip's origin and
 clamped to its duration. Every input still gets its own Transcript (or its own error).
 
@@ -40,6 +41,11 @@ SAMPLE_RATE = 16000
 MAX_CLIP_S = 25.0  # inputs up to this long are packed; longer ones fill windows by themselves
 GAP_S = 1.0  # digital silence between packed clips (see readme_engine.md "Packing": 0.5-2 s measured)
 PACK_MAX_S = 600.0  # one packed signal holds at most this much audio (memory of its mel, O(pack))
+# On a CPU the encoder dominates, and finding each clip's language costs one encoder window per
+# clip, as much as decoding it alone: measured (base, 24 en/ + multi/ clips, words off) 1.42x real
+# time packed vs 2.73x unpacked. So clips whose language must be detected are packed only on a GPU,
+# where decoding rounds dominate.
+PACK_DETECTED_ON_CPU = False
 MIN_SAMPLES = 160  # < 10 ms: nothing to transcribe (as engine.transcribe)
 NO_SPACE_LANGUAGES = {"zh", "ja", "th", "lo", "my", "yue"}  # Whisper's: words are not space-separated
 
@@ -100,7 +106,7 @@ def transcribe_packed(
 
     groups: dict[str, list[int]] = {}
     scores: dict[int, tuple[str | None, float | None]] = {}  # slot -> reported (language, probability)
-    if len(short) < 2:
+    if len(short) < 2 or (loaded.is_multilingual and not options.language and _on_cpu() and not PACK_DETECTED_ON_CPU):
         solo, short = sorted(solo + short), []
     elif loaded.is_multilingual and not options.language:
         scored = _score_languages(loaded, [audios[s] for s in short], options)
@@ -120,13 +126,19 @@ def transcribe_packed(
     inputs = [audios[s] for s in solo] + [signal for _, signal, _ in packs]
     languages = [None] * len(solo) + [language for language, _, _ in packs]
     if inputs:
+        # Words are what splits a packed signal reliably: without them Whisper sometimes runs one
+        # segment across a 1 s gap (measured: base, 1 of 12 English clips lost its text to its
+        # neighbours). So packed signals are always aligned; words the caller did not ask for are
+        # dropped again below.
+        aligned = replace(options, word_timestamps=True) if packs else options
         with unpacked():
-            done = transcribe_many(inputs, model_name=model_name, options=options, languages=languages)
+            done = transcribe_many(inputs, model_name=model_name, options=aligned, languages=languages)
         for slot, t in zip(solo, done):
-            outcomes[slot] = t
+            outcomes[slot] = _without_words(t, options)
         for (language, _, placed), packed in zip(packs, done[len(solo) :]):
             for p, segments in zip(placed, split_segments(packed.segments, placed)):
-                outcomes[p.slot] = _clip_transcript(packed, p, segments, language, scores.get(p.slot), options)
+                clip = _clip_transcript(packed, p, segments, language, scores.get(p.slot), options)
+                outcomes[p.slot] = _without_words(clip, options)
 
     wall_s = time.perf_counter() - started
     total_s = sum(len(a) for a in audios.values()) / SAMPLE_RATE or 1.0
@@ -245,6 +257,19 @@ def _packs(slots: list[int], audios: dict[int, np.ndarray]) -> Iterator[tuple[np
         length += len(clip)
     if placed:
         yield np.concatenate(parts), placed
+
+
+def _on_cpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu
+
+
+def _without_words(t: Transcript, options: EngineOptions) -> Transcript:
+    """The transcript as the caller's options asked for it (words dropped if they were not)."""
+    if options.word_timestamps:
+        return t
+    return replace(t, segments=tuple(replace(s, words=()) for s in t.segments), options=options.as_record())
 
 
 def _touches(seg: Segment, p: Placed) -> bool:

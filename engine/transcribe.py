@@ -6,7 +6,7 @@ region's previous text as the prompt, fallback to hotter temperatures when the o
 wrong, then seek to the last timestamp (or past the window). The regions of all files given
 advance together, one batch row each: each round encodes and decodes one window per row, and a
 row whose region is done is refilled from the queue. So a batch holds windows of one long file
-or of many short ones alike, and memory is bounded by the batch.
+or of many short ones alike, and device memory is bounded by the batch (the mel stays on the host).
 """
 
 from __future__ import annotations

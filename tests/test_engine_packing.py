@@ -100,9 +100,12 @@ def test_packed_clips_keep_their_own_text_times_and_failures(data_dir, shared_au
 
 
 @pytest.mark.slow
-def test_clips_are_packed_by_language(data_dir, shared_audio):
+def test_clips_are_packed_by_language(data_dir, shared_audio, monkeypatch):
+    from engine import packing
     from engine.options import EngineOptions
     from engine.packing import transcribe_packed
+
+    monkeypatch.setattr(packing, "PACK_DETECTED_ON_CPU", True)  # the GPU's policy, here on the CPU
 
     multi = shared_audio / "multi"
     inputs = [

@@ -139,3 +139,16 @@ def test_english_only_model_refuses_another_language(data_dir):
 
     with pytest.raises(ValueError, match="English-only"):
         transcribe_audio(np.zeros(16000, np.float32), model_name=MODEL, options=EngineOptions(language="de"))
+
+
+def test_a_sliver_of_audio_that_whisper_calls_silence_gives_no_text():
+    """The measured failure: a region's last 0.38 s, P(no speech) 0.95, confident invented text."""
+    from engine.decode import WindowResult
+    from engine.options import EngineOptions
+    from engine.transcribe import _is_silence
+
+    invented = WindowResult(
+        tokens=(50364, 407, 50400), avg_logprob=-0.43, no_speech_prob=0.95, compression_ratio=3.1, temperature=0.0, text="x"
+    )
+    assert _is_silence(invented, EngineOptions(), size=38)
+    assert not _is_silence(invented, EngineOptions(), size=3000)  # Whisper's rule on a full window
