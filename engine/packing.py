@@ -131,6 +131,11 @@ def transcribe_packed(
         # neighbours). So packed signals are always aligned; words the caller did not ask for are
         # dropped again below.
         aligned = replace(options, word_timestamps=True) if packs else options
+        # A clip must not be read in the context of its neighbours: with the previous text as the
+        # prompt, tiny.en turned jfk's "ask not" into "asked not" after another clip. So packed
+        # calls decode without previous-text conditioning (a short clip is one window anyway).
+        if packs:
+            aligned = replace(aligned, condition_on_previous_text=False)
         with unpacked():
             done = transcribe_many(inputs, model_name=model_name, options=aligned, languages=languages)
         for slot, t in zip(solo, done):
