@@ -12,6 +12,7 @@ or of many short ones alike, and device memory is bounded by the batch (the mel 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -91,15 +92,19 @@ def transcribe_many(
     outcomes: list = []
     files: list[_File] = []
     for index, item in enumerate(audios_or_paths):
+        f = _File(index=len(files), audio_s=0.0)
         try:
-            audio = _load(item)
+            if isinstance(item, (str, Path)):
+                _prepare_path(f, item, loaded, options)
+            else:
+                audio = _load(item)
+                f.audio_s = len(audio) / SAMPLE_RATE
+                _prepare(f, audio, loaded, options)
         except AudioDecodeError as e:
             if not return_exceptions:
                 raise
             outcomes.append(e)
             continue
-        f = _File(index=len(files), audio_s=len(audio) / SAMPLE_RATE)
-        _prepare(f, audio, loaded, options)
         if languages is not None and languages[index] and loaded.is_multilingual:
             f.language = f.reported_language = languages[index].lower()
         files.append(f)
@@ -123,7 +128,8 @@ class _File:
 
     index: int
     audio_s: float
-    mel: np.ndarray | None = None  # (n_frames, n_mels) float32 log-mel, in host memory
+    mel: np.ndarray | None = None  # (n_frames, n_mels) float32 log-mel, in host memory or memory-mapped
+    mel_store: object | None = None  # the temporary file behind a memory-mapped mel
     energy: np.ndarray | None = None  # (n_frames,) mean log-mel per frame
     spread: np.ndarray | None = None  # (n_frames,) max - min over the mel bands of each frame
     language: str | None = None  # decoding language (None: not decided yet)
@@ -171,6 +177,49 @@ def _prepare(f: _File, audio: np.ndarray, loaded, options: EngineOptions) -> Non
         # kept in host memory: on a GPU only the windows in flight take device memory, so the
         # device's peak does not grow with the file's length (a 3 h mel is 345 MB)
         f.mel = np.array(mel)
+    _set_language(f, loaded, options)
+
+
+def _prepare_path(f: _File, path: str | Path, loaded, options: EngineOptions) -> None:
+    """Stream a file from disk: decoded 30 s at a time, its log-mel written block by block to an
+    anonymous temporary file and memory-mapped, so neither the signal nor the mel of a 6-hour
+    recording is held in memory (only its per-frame energy: 4 bytes a frame). The blocks are
+    those of engine.mel.log_mel, so the result equals decoding the whole file first.
+    """
+    from engine.audio import iter_audio
+    from engine.mel import iter_log_mel
+
+    seen = {"samples": 0, "sound": False}
+
+    def chunks():
+        for chunk in iter_audio(path, chunk_s=30.0):
+            seen["samples"] += len(chunk)
+            seen["sound"] = seen["sound"] or bool(np.any(chunk))
+            yield chunk
+
+    n_mels = loaded.dims.n_mels
+    store = tempfile.TemporaryFile(prefix="archive-asr-mel-")
+    energy, spread, stored_frames = [], [], 0
+    for block in iter_log_mel(chunks(), n_mels):  # (n, n_mels), n <= 3000
+        energy.append(frame_energy(block))
+        spread.append(np.array(mx.max(block, axis=1) - mx.min(block, axis=1)))
+        store.write(np.asarray(block, dtype=np.float32).tobytes())
+        stored_frames += block.shape[0]
+    f.audio_s = seen["samples"] / SAMPLE_RATE
+    n_frames = min(seen["samples"] // HOP_LENGTH, stored_frames)
+    if seen["samples"] < MIN_SAMPLES or not seen["sound"] or n_frames == 0:
+        f.mel = None  # nothing to transcribe (empty, or digital silence)
+        store.close()
+    else:
+        store.flush()
+        f.mel = np.memmap(store, dtype=np.float32, mode="r", shape=(stored_frames, n_mels))[:n_frames]
+        f.mel_store = store  # the open file keeps the mapping's data; closed with the _File
+        f.energy = np.concatenate(energy)[:n_frames]
+        f.spread = np.concatenate(spread)[:n_frames]
+    _set_language(f, loaded, options)
+
+
+def _set_language(f: _File, loaded, options: EngineOptions) -> None:
     if not loaded.is_multilingual:
         f.language = "en"
     elif options.language:

@@ -152,3 +152,19 @@ def test_a_sliver_of_audio_that_whisper_calls_silence_gives_no_text():
     )
     assert _is_silence(invented, EngineOptions(), size=38)
     assert not _is_silence(invented, EngineOptions(), size=3000)  # Whisper's rule on a full window
+
+
+def test_a_path_is_streamed_and_gives_what_the_decoded_array_gives(data_dir, shared_audio):
+    """transcribe_file decodes and computes the mel block by block (bounded memory for long files);
+    the result must equal decoding the whole file first."""
+    from engine.audio import load_audio
+    from engine.options import EngineOptions
+    from engine.transcribe import transcribe_audio, transcribe_file
+
+    path = shared_audio / "longform" / "ljspeech_LJ001-0001_to_0032_concat.wav"
+    options = EngineOptions(word_timestamps=False)
+    streamed = transcribe_file(path, model_name=MODEL, options=options)
+    whole = transcribe_audio(load_audio(path), model_name=MODEL, options=options)
+    assert streamed.duration_s == pytest.approx(whole.duration_s, abs=0.01)
+    assert _wer(whole.text, streamed.text) <= 0.02
+    assert len(streamed.segments) >= 20
