@@ -52,7 +52,10 @@ class EngineOptions:
     # one batch row each. Shorter regions = more rows and fewer rounds; longer = fewer joins and
     # more prompt context. Measured (readme_engine.md, tiny.en CPU, WER on the 601 s / 229 s
     # files; sequential 8.12 / 6.68 %): 25 s 7.56 / 5.42 %, 30 s 7.35 / 5.23 %, 60 s 7.91 / 5.42 %.
-    region_s: float = 30.0
+    # On a GPU decoding rounds, not rows, cost time, so more and shorter regions win (H100, base
+    # float16, 601 s file, sequential 7.42 %): 30 s 1621x 7.63 %, 20 s 1599x 7.14 %, 15 s 1888x
+    # 7.56 %, 12 s 2103x 6.79 %. None = 30 s on the CPU, 12 s on a GPU.
+    region_s: float | None = None
     # Cut points are searched this far either side of the planned boundary (seconds).
     cut_search_s: float = 5.0
     # Check whether every row of a batch has finished once per this many decoding steps

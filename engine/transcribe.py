@@ -41,6 +41,8 @@ TIME_PRECISION_S = INPUT_STRIDE * HOP_LENGTH / SAMPLE_RATE  # 0.02 s per timesta
 # clamp is per 30 s block in engine.mel, so quiet speech may sit below a loud block's floor.)
 FLAT = 1e-3
 SHORT_WINDOW_FRAMES = 100  # 1 s: see _is_silence
+CPU_REGION_S = 30.0  # the encoder dominates on a CPU: fewer, fuller windows (EngineOptions.region_s)
+GPU_REGION_S = 12.0  # decoding rounds dominate on a GPU: more rows, fewer rounds
 MIN_SAMPLES = 160  # shorter audio (< 10 ms, one mel frame) holds nothing to transcribe
 
 
@@ -274,7 +276,7 @@ class _Engine:
         self.rules = TokenRules(base, loaded.dims.n_vocab, options)
         self.initial_prompt = base.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
         self.stats = RunStats()
-        self.region_s = options.region_s
+        self.region_s = options.region_s or (GPU_REGION_S if mx.default_device().type == mx.gpu else CPU_REGION_S)
         self.words = None
         if options.word_timestamps:
             try:
