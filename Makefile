@@ -20,5 +20,11 @@ run: install
 test: install
 	$(BIN)/python -m pytest
 
+# The engine benchmark on this machine (a script that prints numbers; not part of the tests).
+bench: install
+	bash benchmarks/install_bench_deps.sh
+	$(BIN)/python benchmarks/bench_engine.py --model tiny.en --warmup-s 60 --runs 1 \
+		--audio ../shared/audio/longform/english_read_mix_concat.flac
+
 clean:
 	rm -rf $(VENV) build *.egg-info
