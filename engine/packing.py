@@ -86,7 +86,7 @@ def transcribe_packed(
     """transcribe_many's contract (one Transcript or, with return_exceptions, error per input, in
     order; wall time shared by duration), with inputs of <= MAX_CLIP_S packed into shared windows."""
     from engine import holder
-    from engine.transcribe import transcribe_many
+    from engine.transcribe import load_input, transcribe_many
 
     started = time.perf_counter()
     loaded = holder.get_model(model_name)
@@ -96,7 +96,7 @@ def transcribe_packed(
     audios: dict[int, np.ndarray] = {}
     for slot, item in enumerate(audios_or_paths):
         try:
-            audios[slot] = _load(item)
+            audios[slot] = load_input(item)
         except AudioDecodeError as e:
             if not return_exceptions:
                 raise
@@ -199,17 +199,6 @@ def split_segments(segments: Sequence[Segment], placed: Sequence[Placed]) -> lis
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _load(item) -> np.ndarray:
-    if isinstance(item, (str, Path)):
-        from engine.audio import load_audio
-
-        return load_audio(item)
-    audio = np.asarray(item, dtype=np.float32)
-    if audio.ndim != 1:
-        raise ValueError(f"audio must be mono (n_samples,), got shape {audio.shape}")
-    return audio
 
 
 def _score_languages(loaded, clips: list[np.ndarray], options: EngineOptions) -> list[tuple[str | None, tuple]]:

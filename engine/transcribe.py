@@ -99,7 +99,7 @@ def transcribe_many(
             if isinstance(item, (str, Path)):
                 _prepare_path(f, item, loaded, options)
             else:
-                audio = _load(item)
+                audio = load_input(item)
                 f.audio_s = len(audio) / SAMPLE_RATE
                 _prepare(f, audio, loaded, options)
         except AudioDecodeError as e:
@@ -156,7 +156,8 @@ class _Stream:
         return self.region.end_frame - self.seek < MIN_WINDOW_FRAMES
 
 
-def _load(item) -> np.ndarray:
+def load_input(item) -> np.ndarray:
+    """A path decoded to 16 kHz mono float32, or an array checked to be mono float32."""
     if isinstance(item, (str, Path)):
         from engine.audio import load_audio
 
