@@ -22,6 +22,7 @@ from typing import Sequence
 import engine  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
+from mlx_whisper.decoding import compression_ratio
 from mlx_whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
 
 from archive_asr.records import Segment, Timing, Transcript
@@ -432,6 +433,12 @@ class _Engine:
                 continue  # nothing is said in the zero padding: text there is invented
             end_s = min(end_s, audio_end_s)
             if start_s >= end_s or not raw.strip():
+                continue
+            if o.compression_ratio_threshold is not None and compression_ratio(raw) > o.compression_ratio_threshold:
+                # One segment repeating itself even after every fallback temperature (measured:
+                # base looped "Die Genehmigung, " for 1.6 s at a region's end): a loop, not speech.
+                # A single sentence never compresses that well; Whisper applies the same bar to
+                # the whole window's text.
                 continue
             seg = Segment(
                 start_s=round(start_s, 3),
