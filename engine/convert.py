@@ -206,6 +206,17 @@ def _linear(out: dict, dst: str, variables: dict, src: str) -> None:
     out[f"{dst}.bias"] = variables.pop(f"{src}/bias")
 
 
+def _block(out: dict, variables: dict, src: str, dst: str) -> None:
+    """Self-attention (fused q|k|v) and MLP of one layer, shared by encoder and decoder blocks."""
+    _norm(out, f"{dst}.attn_ln", variables, f"{src}/self_attention/layer_norm")
+    _fused(out, [f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"], variables,
+           f"{src}/self_attention/linear_0")
+    _linear(out, f"{dst}.attn.out", variables, f"{src}/self_attention/linear_1")
+    _norm(out, f"{dst}.mlp_ln", variables, f"{src}/ffn/layer_norm")
+    _linear(out, f"{dst}.mlp1", variables, f"{src}/ffn/linear_0")
+    _linear(out, f"{dst}.mlp2", variables, f"{src}/ffn/linear_1")
+
+
 def _norm(out: dict, dst: str, variables: dict, src: str) -> None:
     out[f"{dst}.weight"] = variables.pop(f"{src}/gamma")
     out[f"{dst}.bias"] = variables.pop(f"{src}/beta")
@@ -242,31 +253,18 @@ def ct2_to_mlx_weights(variables: dict[str, np.ndarray], aliases: dict[str, str]
         # mlx-whisper computes the encoder's sinusoids itself; check they are the standard ones.
         positions = variables.pop("encoder/position_encodings/encodings")
         for i in range(dims.n_audio_layer):
-            src, dst = f"encoder/layer_{i}", f"encoder.blocks.{i}"
-            _norm(out, f"{dst}.attn_ln", variables, f"{src}/self_attention/layer_norm")
-            _fused(out, [f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"], variables,
-                   f"{src}/self_attention/linear_0")
-            _linear(out, f"{dst}.attn.out", variables, f"{src}/self_attention/linear_1")
-            _norm(out, f"{dst}.mlp_ln", variables, f"{src}/ffn/layer_norm")
-            _linear(out, f"{dst}.mlp1", variables, f"{src}/ffn/linear_0")
-            _linear(out, f"{dst}.mlp2", variables, f"{src}/ffn/linear_1")
+            _block(out, variables, f"encoder/layer_{i}", f"encoder.blocks.{i}")
         _norm(out, "encoder.ln_post", variables, "encoder/layer_norm")
 
         out["decoder.token_embedding.weight"] = variables.pop("decoder/embeddings/weight")
         out["decoder.positional_embedding"] = variables.pop("decoder/position_encodings/encodings")
         for i in range(dims.n_text_layer):
             src, dst = f"decoder/layer_{i}", f"decoder.blocks.{i}"
-            _norm(out, f"{dst}.attn_ln", variables, f"{src}/self_attention/layer_norm")
-            _fused(out, [f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"], variables,
-                   f"{src}/self_attention/linear_0")
-            _linear(out, f"{dst}.attn.out", variables, f"{src}/self_attention/linear_1")
+            _block(out, variables, src, dst)
             _norm(out, f"{dst}.cross_attn_ln", variables, f"{src}/attention/layer_norm")
             _linear(out, f"{dst}.cross_attn.query", variables, f"{src}/attention/linear_0")
             _fused(out, [f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"], variables, f"{src}/attention/linear_1")
             _linear(out, f"{dst}.cross_attn.out", variables, f"{src}/attention/linear_2")
-            _norm(out, f"{dst}.mlp_ln", variables, f"{src}/ffn/layer_norm")
-            _linear(out, f"{dst}.mlp1", variables, f"{src}/ffn/linear_0")
-            _linear(out, f"{dst}.mlp2", variables, f"{src}/ffn/linear_1")
         _norm(out, "decoder.ln", variables, "decoder/layer_norm")
     except KeyError as e:
         raise ModelError(f"missing tensor {e.args[0]}") from e
