@@ -51,6 +51,11 @@ class Transcript:
     segments: tuple[Segment, ...]
     timing: Timing
     options: dict = field(default_factory=dict)  # engine options used, for the record
+    # Seconds of audio the decoder delivered (gaps left by damaged stretches count, as silence);
+    # None: not measured (an array given directly).
+    decoded_s: float | None = None
+    # What the decoder had to say (a damaged tail, a corrupt middle filled with silence): one line each.
+    warnings: tuple[str, ...] = ()
 
     def to_json(self, path: str | None = None) -> dict:
         """The shape `archive-asr transcribe --json` prints (one object per file)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,14 @@ SALVAGE_BLOCK_FRAMES = 1024  # after a read error, re-read in pieces this small 
 RESAMPLE_QUALITY = "HQ"  # soxr's high quality; "VHQ" costs more for no audible gain at 16 kHz
 # soundfile formats that FFmpeg decodes better (gapless MP3: libsndfile keeps the encoder delay)
 PREFER_FFMPEG = {"MP3", "MPEG"}
+
+
+@dataclass
+class DecodeReport:
+    """What one pass of ``iter_audio`` delivered, filled in as it runs (read it after the last chunk)."""
+
+    decoded_s: float = 0.0  # seconds yielded at 16 kHz (silence standing in for lost audio included)
+    warnings: list[str] = field(default_factory=list)  # the decoder's reasons, one readable line each
 
 
 def _soundfile_open(path: Path) -> sf.SoundFile | None:
@@ -116,7 +125,7 @@ def _decoded_blocks(path: str | Path) -> Iterator[tuple[np.ndarray, int]]:
     return _soundfile_blocks(f, path) if f is not None else _ffmpeg_blocks(path)
 
 
-def iter_audio(path: str | Path, chunk_s: float = 30.0) -> Iterator[np.ndarray]:
+def iter_audio(path: str | Path, chunk_s: float = 30.0, *, report: DecodeReport | None = None) -> Iterator[np.ndarray]:
     """Consecutive float32 16 kHz mono chunks of ``chunk_s`` seconds (the last one shorter).
 
     Memory stays at a few chunks whatever the file's length; raises AudioDecodeError for a file
