@@ -1,19 +1,32 @@
-"""Audio in: any container an archive holds, decoded to float32 16 kHz mono.
+"""Audio in: any container an archive holds, decoded to float32 16 kHz mono, on the file's timeline.
 
-libsndfile (soundfile) reads WAV, FLAC, Ogg Vorbis/Opus, AIFF and friends exactly and fast; FFmpeg
-(PyAV) reads the rest (MP3, AAC/M4A, MP4, WebM, ...). MP3 goes through FFmpeg too: it honours
-the encoder delay (gapless info), so timestamps match what Whisper's own ffmpeg loader gives.
-Channels are averaged, then soxr resamples to 16 kHz in a stream, so ``iter_audio`` holds one chunk
-at a time whatever the file's length.
+libsndfile (soundfile) reads WAV, FLAC, AIFF and friends exactly and fast; FFmpeg (PyAV) reads the
+rest (MP3, AAC/M4A, MP4, WebM, Ogg, ...). MP3 goes through FFmpeg: it honours the encoder delay
+(gapless info), so timestamps match what Whisper's own ffmpeg loader gives. Ogg goes through
+FFmpeg too: libsndfile drops a damaged Ogg page's audio without a trace, FFmpeg's granule
+positions say how much is missing. Channels are averaged, then soxr resamples to 16 kHz in a
+stream, so ``iter_audio`` holds one chunk at a time whatever the file's length.
 
-A damaged tail (archives are full of them) yields the audio before it, with a warning; a file
-with no decodable audio at all raises ``AudioDecodeError`` with a readable reason.
+Damage keeps the timeline: audio lost in the middle (a corrupt MP3/AAC stretch, a damaged FLAC
+frame) becomes silence of the same length, so every later word keeps its time; a damaged or
+missing tail yields the audio before it. Each is one line in ``DecodeReport.warnings``, and so is
+a decoded length that falls short of the header's. Where the length of a gap comes from:
+- containers with timestamps (MP4, WebM/Matroska, Ogg, FLAC frame numbers): the next good frame's;
+- MP3 and ADTS AAC, whose demuxers number packets one after another (bytes skipped while they
+  resync move no timestamp): the header's duration minus what the packets cover (an MP3 with a
+  Xing/Info/VBRI header states its length exactly), else the skipped bytes at the stream's mean
+  bit rate; shared among several damaged stretches in proportion to their bytes.
+A libsndfile read error hands the rest of the file, from the failed block on, to FFmpeg.
+
+A file with no decodable audio at all raises ``AudioDecodeError`` with a readable reason.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +40,21 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000  # Whisper's input rate
 READ_BLOCK_S = 10.0  # source audio decoded per step by soundfile
-SALVAGE_BLOCK_FRAMES = 1024  # after a read error, re-read in pieces this small to keep what precedes it
 RESAMPLE_QUALITY = "HQ"  # soxr's high quality; "VHQ" costs more for no audible gain at 16 kHz
-# soundfile formats that FFmpeg decodes better (gapless MP3: libsndfile keeps the encoder delay)
-PREFER_FFMPEG = {"MP3", "MPEG"}
+# soundfile formats that FFmpeg decodes better: gapless MP3 (libsndfile keeps the encoder delay);
+# Ogg (libsndfile closes the gap a damaged page leaves, moving every later word)
+PREFER_FFMPEG = {"MP3", "MPEG", "OGG"}
+# FFmpeg demuxers whose packet timestamps are a running count, blind to bytes skipped at damage
+SEQUENTIAL_PTS_FORMATS = {"mp3", "aac", "ac3", "eac3", "mp2", "adts"}
+GAP_TOLERANCE_S = 0.002  # a jump below this is rounding, never a gap
+# Vorbis frames' timestamps wobble by up to a block (tens of ms) in intact files: a jump below this
+# is a gap only right after an undecodable packet
+JITTER_S = 0.05
+OVERSIZED_PACKET = 4  # a packet this many times the median size swallowed damaged bytes
+SHORT_OF_HEADER_S = 1.0  # a decoded length this far below the header's stated one is reported
+MAX_GAP_WARNINGS = 10  # one line per damaged stretch up to this many, then one line for the rest
+MAX_FRAME_BYTES = 8192  # no MP3 or ADTS frame is larger: a bigger packet holds damaged bytes
+VBR_HEADER_WINDOW = 2048  # bytes before the first MP3 packet searched for a Xing/Info/VBRI tag
 
 
 @dataclass
@@ -39,12 +63,44 @@ class DecodeReport:
 
     decoded_s: float = 0.0  # seconds yielded at 16 kHz (silence standing in for lost audio included)
     warnings: list[str] = field(default_factory=list)  # the decoder's reasons, one readable line each
+    stated_s: float | None = None  # the duration the file's header states; None: it states none
+    gaps_s: list[tuple[float, float]] = field(default_factory=list)  # (start_s, length_s) filled with silence
+    reason: str | None = None  # the decoder's last complaint, for a file that ends early
+
+    def warn(self, path: Path, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("%s: %s", path, message)
+
+
+def _fs_name(path: Path) -> str | bytes:
+    """The path as libraries take it: str when it encodes as UTF-8, the file system's bytes when not."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return str(path)
+
+
+@contextmanager
+def _av_open(path: Path) -> Iterator:
+    """av.open on the path, or on an open binary file when the name is not valid UTF-8 (PyAV takes only str)."""
+    import av
+
+    name = _fs_name(path)
+    with open(name, "rb") if isinstance(name, bytes) else nullcontext(name) as source:
+        with av.open(source, metadata_errors="ignore") as container:
+            yield container
+
+
+def _reason(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e)
+    return text.removeprefix("Error : ").strip()
 
 
 def _soundfile_open(path: Path) -> sf.SoundFile | None:
     """A SoundFile for ``path``, or None when libsndfile can't read it (or shouldn't)."""
     try:
-        f = sf.SoundFile(str(path))
+        f = sf.SoundFile(_fs_name(path))
     except (sf.LibsndfileError, RuntimeError, TypeError):
         return None
     if f.format in PREFER_FFMPEG:
@@ -53,87 +109,234 @@ def _soundfile_open(path: Path) -> sf.SoundFile | None:
     return f
 
 
-def _soundfile_blocks(f: sf.SoundFile, path: Path) -> Iterator[tuple[np.ndarray, int]]:
-    """Mono float32 blocks at the file's rate; stops with a warning at a damaged frame."""
+def _soundfile_blocks(f: sf.SoundFile, path: Path, report: DecodeReport) -> Iterator[tuple[np.ndarray, int]]:
+    """Mono float32 blocks at the file's rate; a read error hands the rest to FFmpeg from the failed block."""
     block = max(1, int(READ_BLOCK_S * f.samplerate))
+    report.stated_s = f.frames / f.samplerate if f.frames > 0 else None
     with f:
         while True:
             start = f.tell()
             try:
                 data = f.read(block, dtype="float32", always_2d=True)  # (frames, channels)
             except sf.LibsndfileError as e:
-                yield from _salvage(f, start, path, e)
-                return
+                error = e
+                break
             if not len(data):
                 return
             yield data.mean(axis=1), f.samplerate
-
-
-def _salvage(f: sf.SoundFile, start: int, path: Path, error: Exception) -> Iterator[tuple[np.ndarray, int]]:
-    """Re-read a block that failed in small pieces, keeping everything before the damage."""
-    kept = 0
+        rate = f.samplerate
+    log.info("%s: libsndfile stopped at %.2f s (%s); FFmpeg decodes the rest", path, start / rate, _reason(error))
+    n_warnings = len(report.warnings)
     try:
+        end_s = yield from _ffmpeg_blocks(path, report, from_s=start / rate, rate_hint=rate, reason=_reason(error))
+    except AudioDecodeError as e:
+        report.warn(path, f"damaged audio after {start / rate:.2f} s ({_reason(error)}; FFmpeg: {str(e).removeprefix(f'{path}: ')}); "
+                          "the audio before it is kept")
+        return
+    report.reason = report.reason or _reason(error)
+    short = report.stated_s is not None and report.stated_s - end_s > SHORT_OF_HEADER_S  # iter_audio says so
+    if len(report.warnings) == n_warnings and not short:  # FFmpeg read on without a word: say what libsndfile saw
+        report.warn(path, f"damaged audio in {start / rate:.2f}-{(start + block) / rate:.2f} s ({_reason(error)}); "
+                          f"FFmpeg decoded it, to {end_s:.2f} s")
+
+
+@dataclass
+class _Packet:
+    pos: int
+    size: int
+    duration_s: float
+    ok: bool  # decoded without an error
+
+
+def _has_vbr_header(path: Path, first_pos: int) -> bool:
+    """Whether an MP3 states its exact frame count (Xing/Info/VBRI tag in the frame before the audio)."""
+    with open(_fs_name(path), "rb") as f:
+        start = max(0, first_pos - VBR_HEADER_WINDOW)
         f.seek(start)
-        while len(data := f.read(SALVAGE_BLOCK_FRAMES, dtype="float32", always_2d=True)):
-            kept += len(data)
-            yield data.mean(axis=1), f.samplerate
-    except sf.LibsndfileError:
-        pass
-    end_s = (start + kept) / f.samplerate
-    log.warning("%s: damaged audio after %.2f s (%s); keeping the audio before it", path, end_s, error)
+        window = f.read(first_pos - start + 64)
+    return any(tag in window for tag in (b"Xing", b"Info", b"VBRI"))
 
 
-def _ffmpeg_blocks(path: Path) -> Iterator[tuple[np.ndarray, int]]:
-    """Mono float32 blocks at the stream's rate through PyAV; skips (and reports) undecodable packets."""
+def _resync_gaps(path: Path, stream_index: int, stated_end_s: float | None, fmt: str) -> dict[int, float]:
+    """Seconds of audio lost before each packet (keyed by byte position) in a sequential-timestamp stream.
+
+    Run once, at the first sign of damage: one more pass over the file (MP3/AAC decode at hundreds
+    of times real time) finds the damaged spots: after a run of undecodable packets, at a jump
+    between one packet's end and the next one's start, after an oversized packet that swallowed
+    damaged bytes. The bytes lost are those jumps and excesses plus whatever the packets don't
+    account for (the ADTS demuxer skips garbage without a trace).
+    """
     import av
 
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as e:
-        raise AudioDecodeError(f"{path}: not an audio file FFmpeg or libsndfile can read ({e.strerror or e})") from e
-    with container:
+    packets: list[_Packet] = []
+    with _av_open(path) as container:
+        stream = container.streams[stream_index]
+        tb = float(stream.time_base)
+        for p in container.demux(stream):
+            if p.pos is None or p.pos < 0 or not p.size:
+                continue
+            try:
+                p.decode()
+                ok = True
+            except av.error.FFmpegError:
+                ok = False
+            packets.append(_Packet(pos=p.pos, size=p.size, duration_s=(p.duration or 0) * tb, ok=ok))
+    if len(packets) < 2:
+        return {}
+    median = float(np.median([p.size for p in packets]))
+    measured: dict[int, int] = {}  # byte position of the packet after the damage -> bytes seen lost there
+    for prev, p in zip(packets, packets[1:]):
+        jump = max(0, p.pos - (prev.pos + prev.size))
+        swallowed = prev.size - int(median) if prev.size > OVERSIZED_PACKET * median else 0
+        if jump or swallowed or (not prev.ok and p.ok):
+            measured[p.pos] = jump + swallowed
+    if not measured:
+        return {}
+    file_size = os.path.getsize(_fs_name(path))
+    hidden = max(0, file_size - packets[0].pos - sum(p.size for p in packets) - sum(measured.values()))
+    weights = {pos: n + hidden / len(measured) for pos, n in measured.items()}
+    total = sum(weights.values())
+    covered_s = sum(p.duration_s for p in packets)
+    if fmt == "mp3" and stated_end_s is not None and _has_vbr_header(path, packets[0].pos):
+        lost_s = max(0.0, stated_end_s - covered_s)  # exact: the header counts every frame
+    else:
+        normal = [p for p in packets if p.ok and p.size <= OVERSIZED_PACKET * median]
+        bytes_per_s = sum(p.size for p in normal) / max(sum(p.duration_s for p in normal), 1e-9)
+        lost_s = total / bytes_per_s
+    return {pos: lost_s * w / total for pos, w in weights.items()} if total else {}
+
+
+def _ffmpeg_blocks(path: Path, report: DecodeReport, *, from_s: float = 0.0, rate_hint: int | None = None,
+                   reason: str | None = None) -> Generator[tuple[np.ndarray, int], None, float]:
+    """Mono float32 blocks at the stream's rate through PyAV, on the stream's timeline.
+
+    Frames are placed by their timestamps: a jump forward (packets lost to damage) is filled with
+    silence, an overlap is trimmed. With ``from_s`` (a libsndfile fallback) the audio before that
+    time is skipped: the caller already has it; ``reason`` is why the caller gave up. Returns the
+    time the audio ends at.
+    """
+    import av
+
+    with ExitStack() as stack:
+        try:
+            container = stack.enter_context(_av_open(path))
+        except av.error.FFmpegError as e:
+            raise AudioDecodeError(f"{path}: not an audio file FFmpeg or libsndfile can read ({_reason(e)})") from e
         if not container.streams.audio:
             raise AudioDecodeError(f"{path}: not an audio file (no audio stream; FFmpeg reads it as {container.format.long_name})")
         stream = container.streams.audio[0]
-        stream.thread_type = "AUTO"
+        stream.thread_type = "SLICE"  # frame threads deliver frames (and errors) late: no telling which packet failed
+        tb = stream.time_base
+        start_s = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
+        if stream.duration is not None and tb:
+            stated_s = float(stream.duration * tb)
+        elif container.duration is not None:
+            stated_s = container.duration / av.time_base
+        else:
+            stated_s = None
+        if report.stated_s is None:
+            report.stated_s = stated_s
+        if from_s > 1.0 and tb:
+            # start near the failed block (FLAC seeks by its frame numbers); frames before from_s are trimmed
+            container.seek(int((from_s - 1.0) / tb), stream=stream, backward=True)
+        sequential = container.format.name in SEQUENTIAL_PTS_FORMATS
+        gaps: dict[int, float] | None = None  # found lazily, at the first sign of damage
+
+        def find_gaps() -> dict[int, float]:
+            stated_end_s = stated_s + start_s if stated_s else None
+            return _resync_gaps(path, stream.index, stated_end_s, container.format.name)
+
+        shift_s = 0.0  # audio lost before this point that the timestamps don't know about
         # planar float, source layout and rate: we downmix and resample ourselves (soxr)
         to_float = av.AudioResampler(format="fltp")
+        rate = rate_hint or stream.codec_context.sample_rate or stream.rate
+        cursor: int | None = round(from_s * rate) if from_s else None  # next sample (at `rate`) on the timeline
+        origin = 0  # the timeline's sample that is the caller's first (MP3: after the encoder delay)
+        skipping = bool(from_s)  # still before from_s: trim exactly
         bad_packets, good_frames, error = 0, 0, None
+        error_since_last_frame = False
+        prev_end: int | None = None
+        n_gaps = 0
         for packet in container.demux(stream):
+            if sequential and packet.size and packet.pos is not None and packet.pos >= 0:
+                resynced = prev_end is not None and packet.pos > prev_end
+                prev_end = packet.pos + packet.size
+                if gaps is None and (resynced or error_since_last_frame or packet.size > MAX_FRAME_BYTES):
+                    gaps = find_gaps()
+                if gaps:
+                    shift_s += gaps.get(packet.pos, 0.0)
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as e:
-                bad_packets, error = bad_packets + 1, e
+                bad_packets, error, error_since_last_frame = bad_packets + 1, e, True
+                report.reason = reason or _reason(e)
+                if sequential and gaps is None:
+                    gaps = find_gaps()
                 continue
             for frame in frames:
-                for converted in to_float.resample(frame):
+                if frame.sample_rate != rate:
+                    rate, cursor = frame.sample_rate, None  # a rate change restarts the timeline (rare)
+                frame_tb = frame.time_base or tb
+                at = round((float(frame.pts * frame_tb) + shift_s) * rate) if frame.pts is not None and frame_tb else None
+                if cursor is None:
+                    cursor = origin = at if at is not None else 0
+                if at is None:
+                    at = cursor
+                data = np.concatenate([c.to_ndarray().mean(axis=0) for c in to_float.resample(frame)])  # (n,)
+                # a jump is damage after an undecodable packet, or when longer than a frame's wobble
+                slack = round((GAP_TOLERANCE_S if error_since_last_frame or skipping else JITTER_S) * rate)
+                if at > cursor + slack:
+                    n_gaps += 1
+                    gap_s, gap_at_s = (at - cursor) / rate, (cursor - origin) / rate
+                    report.gaps_s.append((gap_at_s, gap_s))
+                    if n_gaps <= MAX_GAP_WARNINGS:
+                        why = reason or (_reason(error) if error_since_last_frame and error is not None else None)
+                        report.warn(path, f"{gap_s:.2f} s of damaged audio at {gap_at_s:.2f} s replaced by silence"
+                                          + (f" ({why})" if why else " (the container's timestamps jump)"))
+                    yield np.zeros(at - cursor, np.float32), rate
+                    cursor = at
+                elif at < cursor - slack:
+                    data = data[cursor - at:]  # overlaps what we have (or precedes from_s)
+                error_since_last_frame = False
+                if len(data):
                     good_frames += 1
-                    yield converted.to_ndarray().mean(axis=0), converted.sample_rate  # (channels, n) -> (n,)
-        if bad_packets:
-            if not good_frames:
-                raise AudioDecodeError(f"{path}: no decodable audio ({error})")
-            log.warning("%s: skipped %d undecodable packet(s) (%s)", path, bad_packets, error)
+                    skipping = False
+                    cursor += len(data)
+                    yield data, rate
+        if n_gaps > MAX_GAP_WARNINGS:
+            rest = report.gaps_s[MAX_GAP_WARNINGS:]
+            report.warn(path, f"{len(rest)} more damaged stretch(es), {sum(g for _, g in rest):.2f} s in all, "
+                              "replaced by silence")
+        if bad_packets and not good_frames and not from_s:
+            raise AudioDecodeError(f"{path}: no decodable audio ({_reason(error)})")
+        end_s = ((cursor or 0) - origin) / rate
+        short = report.stated_s is not None and report.stated_s - end_s > SHORT_OF_HEADER_S  # iter_audio says so
+        if error_since_last_frame and not short:
+            report.warn(path, f"damaged audio after {end_s:.2f} s ({reason or _reason(error)}); the audio before it is kept")
+        return end_s
 
 
-def _decoded_blocks(path: str | Path) -> Iterator[tuple[np.ndarray, int]]:
-    path = Path(path)
+def _decoded_blocks(path: Path, report: DecodeReport) -> Iterator[tuple[np.ndarray, int]]:
     if not path.is_file():
         raise AudioDecodeError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise AudioDecodeError(f"{path}: empty file (0 bytes)")
     f = _soundfile_open(path)
-    return _soundfile_blocks(f, path) if f is not None else _ffmpeg_blocks(path)
+    return _soundfile_blocks(f, path, report) if f is not None else _ffmpeg_blocks(path, report)
 
 
 def iter_audio(path: str | Path, chunk_s: float = 30.0, *, report: DecodeReport | None = None) -> Iterator[np.ndarray]:
     """Consecutive float32 16 kHz mono chunks of ``chunk_s`` seconds (the last one shorter).
 
     Memory stays at a few chunks whatever the file's length; raises AudioDecodeError for a file
-    with no decodable audio (before yielding anything).
+    with no decodable audio (before yielding anything). ``report``, if given, is filled in as the
+    chunks go: seconds delivered and one warning per thing the decoder had to say.
     """
     chunk = int(round(chunk_s * SAMPLE_RATE))
     if chunk <= 0:
         raise ValueError("chunk_s must be positive")
+    path = Path(path)
+    report = report if report is not None else DecodeReport()
     pending: list[np.ndarray] = []
     n_pending = 0
     n_total = 0
@@ -145,6 +348,7 @@ def iter_audio(path: str | Path, chunk_s: float = 30.0, *, report: DecodeReport 
         while n_pending >= chunk or (final and n_pending):
             joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
             size = min(chunk, n_pending)
+            report.decoded_s += size / SAMPLE_RATE
             yield joined[:size]
             rest = joined[size:]
             pending, n_pending = ([rest] if len(rest) else []), len(rest)
@@ -156,7 +360,7 @@ def iter_audio(path: str | Path, chunk_s: float = 30.0, *, report: DecodeReport 
             n_pending += len(out)
             n_total += len(out)
 
-    for block, block_rate in _decoded_blocks(path):
+    for block, block_rate in _decoded_blocks(path, report):
         if stream is None or block_rate != rate:
             if stream is not None:  # the rate changed mid-stream (rare; some broadcasts): flush the old one
                 add(stream.resample_chunk(np.zeros(0, np.float32), last=True))
@@ -169,12 +373,17 @@ def iter_audio(path: str | Path, chunk_s: float = 30.0, *, report: DecodeReport 
         add(stream.resample_chunk(np.zeros(0, np.float32), last=True))
     if n_total == 0:
         raise AudioDecodeError(f"{path}: contains no audio samples")
+    decoded_s = n_total / SAMPLE_RATE
+    if report.stated_s is not None and report.stated_s - decoded_s > SHORT_OF_HEADER_S:
+        why = f"; {report.reason}" if report.reason else ""
+        report.warn(path, f"audio ends at {decoded_s:.1f} s of {report.stated_s:.1f} s stated in the header "
+                          f"(truncated file?{why})")
     yield from take(final=True)
 
 
-def load_audio(path: str | Path) -> np.ndarray:
+def load_audio(path: str | Path, *, report: DecodeReport | None = None) -> np.ndarray:
     """The whole file as float32 16 kHz mono, shape (n_samples,)."""
-    chunks = list(iter_audio(path, chunk_s=600.0))
+    chunks = list(iter_audio(path, chunk_s=600.0, report=report))
     return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
 
 
@@ -193,7 +402,7 @@ def probe_duration_s(path: str | Path) -> float:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with _av_open(path) as container:
             if not container.streams.audio:
                 raise AudioDecodeError(f"{path}: not an audio file (no audio stream)")
             stream = container.streams.audio[0]
@@ -202,5 +411,5 @@ def probe_duration_s(path: str | Path) -> float:
             if container.duration is not None:
                 return container.duration / av.time_base
     except av.error.FFmpegError as e:
-        raise AudioDecodeError(f"{path}: not an audio file FFmpeg or libsndfile can read ({e})") from e
+        raise AudioDecodeError(f"{path}: not an audio file FFmpeg or libsndfile can read ({_reason(e)})") from e
     return sum(len(c) for c in iter_audio(path, chunk_s=600.0)) / SAMPLE_RATE
