@@ -1,30 +1,91 @@
-"""Log-mel spectrogram in blocks, so memory does not grow with the file's length.
+"""One file's log-mel, computed once, block by block, as sequential Whisper's input.
 
-mlx_whisper's `log_mel_spectrogram` takes the whole signal at once: a 6-hour file makes a
-(2.16 M frames x 400) framed copy and a (2.16 M x 201) complex STFT, ~7 GB of intermediates, and
-clamps at the maximum of the whole file. Here frames are computed block by block from a stream of
-audio chunks, with the same framing (frame t covers samples [160 t - 200, 160 t + 200), reflected
-at the start, zeros after the end as mlx_whisper.transcribe pads them), and the log-mel is
-clamped at (block max - 8) per 30 s block, as Whisper saw each 30 s window in training.
-Intermediates are O(block) whatever the length.
+mlx_whisper.transcribe computes the log-mel of the whole signal with 30 s of zeros appended and
+clamps it at 8 (log10 units) below the whole file's maximum. A window is then the file's frames
+from the seek point, zero-padded to 3000 (``pad_or_trim``). Here the same frames are computed
+from a stream of audio chunks, 30 s at a time (so memory does not grow with the file's length),
+and stored *unclamped*; the file's maximum is tracked as the blocks go by, and the clamp and
+normalisation are applied when a window is read. So every window equals sequential Whisper's,
+however quiet its neighbourhood, and a 6-hour file never needs its whole signal in memory.
+
+numpy and scipy do the arithmetic (not MLX): this runs in background threads while the device
+decodes, and scipy's FFT releases the GIL.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections import deque
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Iterable
 
-import mlx.core as mx
 import numpy as np
-from mlx_whisper.audio import HOP_LENGTH, N_FFT, N_FRAMES, hanning, mel_filters
+import scipy.fft
+from mlx_whisper.audio import HOP_LENGTH, N_FFT, N_FRAMES
 
-BLOCK_FRAMES = N_FRAMES  # 3000 frames = 30 s: the unit of computation and of clamping
+BLOCK_FRAMES = N_FRAMES  # 3000 frames = 30 s computed at a time
 PAD = N_FFT // 2  # 200 samples of context each side of a frame's centre
-DYNAMIC_RANGE = 8.0  # log10 units (80 dB) kept below the block's maximum, as Whisper does
+DYNAMIC_RANGE = 8.0  # log10 units (80 dB) kept below the file's maximum, as Whisper does
+FLOOR = -10.0  # log10 of the 1e-10 power floor: what digital silence gives
+IN_MEMORY_FRAMES = 360_000  # up to 1 hour (115 MB at 80 mels) in RAM; longer goes to a temp file
 
 
-class _SampleQueue:
-    """Samples of a stream, consumed from the front without copying whole chunks."""
+@dataclass
+class FileMel:
+    """A file's unclamped log10 mel (n_stored, n_mels) and what a window needs to read it."""
+
+    log10: np.ndarray  # (n_stored, n_mels) float32, in RAM or memory-mapped
+    content_frames: int  # frames of real audio: len(audio) // 160, as mlx_whisper counts them
+    max_log10: float  # maximum over every frame sequential Whisper's clamp sees
+    energy: np.ndarray  # (content_frames,) mean log10 per frame: where the quiet points are
+    flat: np.ndarray  # (content_frames,) bool: the frame is digital silence (at the floor in every band)
+    store: object | None = None  # the temporary file behind a memory-mapped log10
+
+    def _normalised(self, frames: np.ndarray) -> np.ndarray:
+        return (np.maximum(frames, self.max_log10 - DYNAMIC_RANGE) + 4.0) / 4.0
+
+    def window(self, seek: int, end_frame: int) -> tuple[np.ndarray, int]:
+        """The window at ``seek`` as mlx_whisper decodes it: (N_FRAMES, n_mels) normalised log-mel
+        of frames [seek, min(seek + 3000, end_frame)), zeros after them; and how many are real."""
+        size = max(0, min(N_FRAMES, end_frame - seek, self.content_frames - seek))
+        out = np.zeros((N_FRAMES, self.log10.shape[1]), np.float32)
+        out[:size] = self._normalised(self.log10[seek : seek + size])
+        return out, size
+
+    def detection_window(self) -> np.ndarray:
+        """The first 3000 frames of the padded mel, as mlx_whisper detects the language on them
+        (``pad_or_trim(mel, N_FRAMES)``: past a short file's end these are frames of its zero
+        padding, clamped to the floor, not zeros)."""
+        return self._normalised(self.log10[:N_FRAMES])
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+def _filters(n_mels: int) -> np.ndarray:
+    from mlx_whisper.audio import mel_filters
+
+    return np.array(mel_filters(n_mels), dtype=np.float32)  # (n_mels, 201)
+
+
+_WINDOW = np.hanning(N_FFT + 1)[:-1].astype(np.float32)
+
+
+def _block_log10(samples: np.ndarray, n_frames: int, filters: np.ndarray) -> np.ndarray:
+    """(n_frames, n_mels) unclamped log10 mel from samples[0 : 160 n + 240] (context included)."""
+    frames = np.lib.stride_tricks.as_strided(
+        samples, shape=(n_frames, N_FFT), strides=(HOP_LENGTH * samples.strides[0], samples.strides[0])
+    )
+    spectrum = scipy.fft.rfft(frames * _WINDOW, axis=-1)  # (n, 201) complex64
+    power = spectrum.real**2 + spectrum.imag**2
+    mel = power @ filters.T  # (n, n_mels)
+    return np.log10(np.maximum(mel, 1e-10)).astype(np.float32)
+
+
+class _Samples:
+    """Samples of a stream, consumed from the front."""
 
     def __init__(self) -> None:
         self._chunks: deque[np.ndarray] = deque()
@@ -40,8 +101,7 @@ class _SampleQueue:
         self.size += len(x)
 
     def peek(self, n: int) -> np.ndarray:
-        """A copy of the first n samples (n <= size)."""
-        out = np.empty(n, np.float32)
+        out = np.zeros(n, np.float32)
         filled = 0
         for c in self._chunks:
             take = min(n - filled, len(c))
@@ -52,6 +112,8 @@ class _SampleQueue:
         return out
 
     def drop(self, n: int) -> None:
+        """Drop the first n samples (past the end: all of them; what follows is zeros anyway)."""
+        n = min(n, self.size)
         self.size -= n
         while n:
             c = self._chunks[0]
@@ -63,65 +125,74 @@ class _SampleQueue:
                 n = 0
 
 
-def _block(samples: np.ndarray, n_frames: int, n_mels: int) -> mx.array:
-    """(n_frames, n_mels) normalised log-mel from samples[0 : 160 n + 240] (context included)."""
-    x = mx.array(samples)
-    frames = mx.as_strided(x, shape=(n_frames, N_FFT), strides=(HOP_LENGTH, 1))  # (n, 400)
-    magnitudes = mx.fft.rfft(frames * hanning(N_FFT)).abs().square()  # (n, 201)
-    mel = magnitudes @ mel_filters(n_mels).T  # (n, n_mels)
-    log_spec = mx.maximum(mel, 1e-10).log10()
-    log_spec = mx.maximum(log_spec, log_spec.max() - DYNAMIC_RANGE)
-    log_spec = (log_spec + 4.0) / 4.0
-    mx.eval(log_spec)  # keep no graph (and no input samples) alive behind a yielded block
-    return log_spec
+def file_mel(chunks: Iterable[np.ndarray], n_mels: int = 80) -> FileMel:
+    """The FileMel of a 16 kHz float32 signal given as consecutive chunks of any length.
 
-
-def iter_log_mel(
-    chunks: Iterable[np.ndarray], n_mels: int = 80, *, block_frames: int = BLOCK_FRAMES
-) -> Iterator[mx.array]:
-    """Log-mel blocks of (block_frames, n_mels) (the last one shorter) from 16 kHz audio chunks.
-
-    Chunks may have any length (e.g. engine.audio.iter_audio's). The blocks concatenated are the
-    log-mel of the concatenated audio: len(audio) // 160 frames, 100 per second.
+    Frames are mlx_whisper's: frame t covers samples [160 t - 200, 160 t + 200), reflected at the
+    start, zeros past the end (its 30 s of padding). At least the first 3000 frames are stored
+    (a short file's detection window), plus two past the end: those frames still hold the tail's
+    samples and so count towards the maximum, as in mlx_whisper.
     """
-    queue = _SampleQueue()  # front = sample 160 * emitted - 200 of the (reflect-padded) audio
+    filters = _filters(n_mels)
+    queue = _Samples()  # front = sample 160 * emitted - 200 of the reflect-padded signal
+    blocks: list[np.ndarray] = []
+    energy: list[np.ndarray] = []  # per block: mean log10 per frame
+    spread: list[np.ndarray] = []  # per block: max - min over the bands, per frame
+    peak: list[np.ndarray] = []  # per block: max over the bands, per frame
+    store = None
     n_samples = emitted = 0
     started = False
-    block_samples = block_frames * HOP_LENGTH + 2 * PAD - HOP_LENGTH  # frames' reach, with context
+    block_samples = BLOCK_FRAMES * HOP_LENGTH + 2 * PAD - HOP_LENGTH
+
+    def emit(n: int) -> None:
+        nonlocal emitted, store
+        need = n * HOP_LENGTH + 2 * PAD - HOP_LENGTH
+        block = _block_log10(queue.peek(need), n, filters)
+        top = block.max(axis=1)
+        blocks.append(block)
+        energy.append(block.mean(axis=1))
+        spread.append(top - block.min(axis=1))
+        peak.append(top)
+        queue.drop(n * HOP_LENGTH)
+        emitted += n
+        if store is None and emitted > IN_MEMORY_FRAMES:
+            store = tempfile.TemporaryFile(prefix="archive-asr-mel-")
+        if store is not None:  # a long file: its frames go to disk as they come
+            for b in blocks:
+                store.write(b.tobytes())
+            blocks.clear()
+
     for chunk in chunks:
         chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
         n_samples += len(chunk)
         queue.push(chunk)
         if not started:
-            # reflect the first 200 samples as mlx_whisper's STFT does, once there are 201
             if queue.size <= PAD:
                 continue
-            queue.push_front(queue.peek(PAD + 1)[1:][::-1].copy())
+            queue.push_front(queue.peek(PAD + 1)[1:][::-1].copy())  # reflect the first 200 samples
             started = True
         while queue.size >= block_samples:
-            yield _block(queue.peek(block_samples), block_frames, n_mels)
-            queue.drop(block_frames * HOP_LENGTH)
-            emitted += block_frames
+            emit(BLOCK_FRAMES)
     if not started:  # under 201 samples in all: reflect what there is, zeros after it
-        head = np.concatenate([queue.peek(queue.size), np.zeros(PAD + 1, np.float32)])[: PAD + 1]
+        head = queue.peek(PAD + 1)
         queue.push_front(head[1:][::-1].copy())
-    # the tail: zeros after the end, as mlx_whisper.transcribe pads the audio with 30 s of them
-    total = n_samples // HOP_LENGTH
+    content = n_samples // HOP_LENGTH
+    total = max(content + 2, N_FRAMES)
     while emitted < total:
-        n = min(block_frames, total - emitted)
-        need = n * HOP_LENGTH + 2 * PAD - HOP_LENGTH
-        if queue.size < need:
-            queue.push(np.zeros(need - queue.size, np.float32))
-        yield _block(queue.peek(need), n, n_mels)
-        queue.drop(n * HOP_LENGTH)
-        emitted += n
+        emit(min(BLOCK_FRAMES, total - emitted))  # peek pads with zeros past the signal
 
-
-def log_mel(audio: np.ndarray | mx.array, n_mels: int = 80, *, block_frames: int = BLOCK_FRAMES) -> mx.array:
-    """(len(audio) // 160, n_mels) log-mel of in-memory 16 kHz audio, computed block by block."""
-    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-    blocks = list(iter_log_mel([audio], n_mels, block_frames=block_frames))
-    if not blocks:
-        return mx.zeros((0, n_mels), dtype=mx.float32)
-    return mx.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
-
+    if store is not None:
+        store.flush()
+        log10 = np.memmap(store, dtype=np.float32, mode="r", shape=(emitted, n_mels))
+    else:
+        log10 = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    top = np.concatenate(peak)
+    flat = (np.concatenate(spread) < 1e-3) & (top <= FLOOR + 1e-3)
+    return FileMel(
+        log10=log10,
+        content_frames=content,
+        max_log10=float(top[: content + 2].max()),
+        energy=np.concatenate(energy)[:content],
+        flat=flat[:content],
+        store=store,
+    )

@@ -84,7 +84,10 @@ def device_memory() -> DeviceMemory:
     if "total_memory" in info:  # CUDA backend
         total = int(info["total_memory"])
         free = int(info.get("free_memory", total))
-        return DeviceMemory("cuda", total, free + mx.get_active_memory(), "mx.device_info() total/free_memory")
+        # MLX's own buffers are ours to reuse: the active ones (weights) and the cached ones,
+        # which CUDA counts as taken (missing them, one H100 planned 17 rows instead of 64)
+        mine = mx.get_active_memory() + mx.get_cache_memory()
+        return DeviceMemory("cuda", total, min(total, free + mine), "mx.device_info() free_memory + MLX active + cache")
     # Metal: unified memory; macOS lets one process wire about the recommended working set
     total = int(info.get("memory_size", 0))
     recommended = int(info.get("max_recommended_working_set_size", total))

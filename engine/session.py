@@ -1,0 +1,440 @@
+"""The engine session: one per process, it owns the model and the batch rows.
+
+Files are submitted at any time (a path or an array, its options, a key) and each comes back as
+its own Future: a Transcript, or that file's own error. Behind ``submit`` a small thread pool
+decodes the audio and computes the file's log-mel (engine.mel) while the device works. ``step``
+advances every row by one window (one batched encode, one batched greedy decode with fallback,
+words for the rows that want them) and resolves the files that finished; a freed row is refilled
+at once from the files waiting.
+
+A row is a whole file, decoded as sequential Whisper decodes it (engine.rows), so in an archive the
+batch is many files side by side and each transcript is sequential Whisper's. Only when rows would
+otherwise idle (a lone long file, the tail of a queue) is a running file cut, at its quietest
+point, into stretches of at least ``min_region_s`` that fill them (``split_row``).
+
+mlx-lm's BatchGenerator and vLLM's LLMEngine are the model: callers only submit and collect.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import engine  # noqa: F401  (OpenBLAS before mlx.core)
+import mlx.core as mx
+import numpy as np
+from mlx_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE
+
+from archive_asr.records import Timing, Transcript
+from engine import holder, words
+from engine.decode import TokenRules, WindowResult, decode_batch
+from engine.encode import encode
+from engine.errors import BatchFailed, UnsupportedLanguage
+from engine.language import window_languages
+from engine.memory import log_plan, plan_batch
+from engine.options import EngineOptions
+from engine.prepare import prepare
+from engine.rows import FileState, Piece, Row, advance, is_silence, needs_fallback, window_pieces
+
+log = logging.getLogger(__name__)
+
+# A file is cut only into stretches at least this long (seconds). Each cut starts a stretch with no
+# previous text, the one place where a batch differs from sequential Whisper. Measured on both
+# English long files (README, "A lone long file"): see benchmarks/bench_engine.py --min-region-s.
+MIN_REGION_S = 60.0
+QUIET_SPAN_FRAMES = 30  # 0.3 s: a cut point's quietness is the mean level around it
+CUT_SEARCH_S = 5.0  # a cut is searched this far either side of the middle of what remains
+SPLIT_GRACE_S = 0.5  # a worker's next files may be on their way: wait this long before cutting one
+
+
+@dataclass
+class RoundStats:
+    """Where the session's time went (the benchmarks print it)."""
+
+    rounds: int = 0
+    windows: int = 0  # windows encoded
+    redecoded: int = 0  # windows decoded again at a higher temperature
+    splits: int = 0  # rows cut to fill idle ones
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    words_s: float = 0.0
+    idle_rows: int = 0  # sum over rounds of rows left empty
+
+
+class Session:
+    """One model, its batch rows, and the files waiting for them."""
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        *,
+        batch_size: int = 0,
+        options: EngineOptions = EngineOptions(),
+        min_region_s: float = MIN_REGION_S,
+        prepare_threads: int = 2,
+    ):
+        self.loaded = holder.get_model(model_name)
+        self.model = self.loaded.model
+        self.options = options  # batch-wide settings: sample_len, check_every, suppress_tokens
+        plan = plan_batch(
+            self.loaded.dims, self.loaded.dtype, batch_size=batch_size or options.batch_size, word_timestamps=True
+        )
+        log_plan(plan)
+        self.batch_size = plan.batch_size
+        self.min_region_frames = int(min_region_s * FRAMES_PER_SECOND)
+        base = self.loaded.tokenizer(language=None if not self.loaded.is_multilingual else "en")
+        self.rules = TokenRules(base, self.loaded.dims.n_vocab, options)
+        self.device = holder.device_name()
+        self.stats = RoundStats()
+        self._pool = ThreadPoolExecutor(max(1, prepare_threads), thread_name_prefix="prepare")
+        self._cond = threading.Condition()
+        self._waiting: deque[FileState] = deque()  # prepared, waiting for a row
+        self._preparing = 0  # submitted, not yet prepared
+        self._last_submit = 0.0
+        self._rows: list[Row] = []
+        self._step_lock = threading.Lock()
+        self.split_grace_s = 0.0
+
+    # --- submitting and collecting ------------------------------------------------------------
+
+    def submit(
+        self,
+        item: np.ndarray | str | Path,
+        *,
+        options: EngineOptions | None = None,
+        key: object = None,
+        solo: bool = False,
+        on_start: Callable[[], None] | None = None,
+    ) -> Future:
+        """Queue one file; its Future gives a Transcript or raises that file's own error.
+
+        ``on_start`` is called (in a preparing thread) when work on the file begins: a worker
+        counts the job's attempt there, not while it only waits. ``solo``: decode it alone.
+        """
+        o = options or self.options
+        future: Future = Future()
+        state = FileState(key=key, options=o, future=future, solo=solo)
+        if o.language and not self.loaded.is_multilingual and o.language.lower() != "en":
+            future.set_exception(
+                UnsupportedLanguage(f"model {self.loaded.name} is English-only; it cannot transcribe language {o.language!r}")
+            )
+            return future
+        with self._cond:
+            self._preparing += 1
+            self._last_submit = time.monotonic()
+        self._pool.submit(self._prepare, state, item, on_start)
+        return future
+
+    def _prepare(self, state: FileState, item, on_start) -> None:
+        try:
+            if on_start is not None:
+                on_start()
+            p = prepare(item, self.loaded.dims.n_mels)
+            state.mel, state.audio_s, state.decoded_s, state.warnings = p.mel, p.audio_s, p.decoded_s, p.warnings
+            if not self.loaded.is_multilingual:
+                state.language = "en"
+            elif state.options.language:
+                state.language = state.options.language.lower()
+        except BaseException as e:  # the file's own error: recorded on its job, the rest go on
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
+            state.future.set_exception(e)
+            return
+        with self._cond:
+            self._preparing -= 1
+            if state.mel is None:  # nothing to decode: done at once
+                self._finish(state)
+            else:
+                self._waiting.append(state)
+            self._cond.notify_all()
+
+    def busy(self) -> bool:
+        with self._cond:
+            return bool(self._rows or self._waiting or self._preparing)
+
+    def wait_for_work(self, timeout_s: float | None = None) -> bool:
+        """Block until a file waits for a row or rows are running (False on timeout)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._rows or self._waiting, timeout=timeout_s)
+
+    def run_until_done(self, futures: Sequence[Future]) -> None:
+        """Drive the session in this thread until every one of ``futures`` is resolved."""
+        while not all(f.done() for f in futures):
+            if not self.step():
+                with self._cond:
+                    self._cond.wait(timeout=0.05)
+
+    def serve(self, stop: threading.Event) -> None:
+        """Drive the session until ``stop`` is set (a worker's driver thread)."""
+        idle_since = None
+        while not stop.is_set():
+            if self.step():
+                idle_since = None
+                continue
+            if idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > 5.0:
+                holder.clear_cache()  # idle: hand MLX's cached buffers back
+                idle_since = float("inf")
+            self.wait_for_work(timeout_s=0.2)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for row in self._rows:
+            if row.file.mel is not None:
+                row.file.mel.close()
+
+    # --- one round ----------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Admit waiting files into free rows, then encode and decode one window per row.
+
+        Returns False when there was nothing to do."""
+        with self._step_lock:
+            self._admit()
+            if not self._rows:
+                return False
+            rows = list(self._rows)
+            self.stats.idle_rows += self.batch_size - len(rows)
+            try:
+                self._round(rows)
+            except Exception as e:  # beyond one file (out of memory, a device fault): each fails
+                log.exception("a batch round failed; its %d file(s) fail with it", len(rows))
+                failed = {id(r.file): r.file for r in rows}
+                self._rows = [r for r in self._rows if id(r.file) not in failed]
+                for f in failed.values():
+                    if not f.future.done():
+                        f.future.set_exception(BatchFailed(f"batch round failed: {type(e).__name__}: {e}"))
+                return True
+            finished = []
+            for row in rows:
+                if row.done:
+                    self._rows.remove(row)
+                    row.file.open_rows -= 1
+                    if row.file.open_rows == 0:
+                        finished.append(row.file)
+            with self._cond:
+                for f in finished:
+                    self._finish(f)
+            return True
+
+    def _admit(self) -> None:
+        """Fill free rows: waiting files first (whole), then cuts of running files (policy below)."""
+        with self._cond:
+            while len(self._rows) < self.batch_size and self._waiting:
+                if any(r.file.solo for r in self._rows):
+                    return  # a suspect runs alone
+                nxt = self._waiting[0]
+                if nxt.solo and self._rows:
+                    return  # wait for the rows to drain
+                self._waiting.popleft()
+                self._rows.append(Row(nxt, 0, nxt.mel.content_frames, 0, self._initial_prompt(nxt)))
+                nxt.open_rows = 1
+                if nxt.solo:
+                    break
+            may_split = (
+                not self._waiting
+                and not self._preparing
+                and time.monotonic() - self._last_submit >= self.split_grace_s
+            )
+        while may_split and len(self._rows) < self.batch_size:
+            row = pick_row_to_split(self._rows, self.min_region_frames)
+            if row is None:
+                break
+            self._rows.append(split_row(row, self._initial_prompt(row.file), self.min_region_frames))
+            row.file.open_rows += 1
+            self.stats.splits += 1
+
+    def _initial_prompt(self, f: FileState) -> list[int]:
+        text = f.options.initial_prompt
+        return self.loaded.tokenizer().encode(" " + text.strip()) if text else []
+
+    def _round(self, rows: list[Row]) -> None:
+        live, mels, sizes = [], [], []
+        for r in rows:
+            mel, size = r.file.mel.window(r.seek, r.end_frame)
+            if r.file.mel.flat[r.seek : r.seek + size].all():
+                r.file.frames_done += size
+                r.seek += size  # digital silence: nothing to decode
+                continue
+            live.append(r)
+            mels.append(mel)
+            sizes.append(size)
+        detect = self._detection_rows(rows, live, sizes, mels)
+        if not live:
+            return
+        t0 = time.perf_counter()
+        features = encode(self.model, mx.array(np.stack(mels)).astype(self.loaded.dtype))  # (n, n_audio_ctx, n_audio_state)
+        mx.eval(features)
+        t1 = time.perf_counter()
+        self._detect(detect, features)
+        languages = [r.file.language or "en" for r in live]
+        results = self._decode_with_fallback(live, features, languages)
+        pieces = [self._pieces(r, res, size, lang) for r, res, size, lang in zip(live, results, sizes, languages)]
+        t2 = time.perf_counter()
+        pieces = self._add_words(live, features, results, sizes, pieces, languages)
+        t3 = time.perf_counter()
+        st = self.stats
+        st.rounds += 1
+        st.windows += len(mels)
+        st.encode_s += t1 - t0
+        st.decode_s += t2 - t1
+        st.words_s += t3 - t2
+        share = (t3 - t0) / len(live)
+        for r, res, size, ps in zip(live, results, sizes, pieces):
+            r.file.busy_s += share
+            advance(r, res, size, ps, self.rules.ts_begin, self.loaded.dims.n_text_ctx, r.file.options.word_timestamps)
+
+    def _detection_rows(self, rows, live, sizes, mels) -> dict[int, tuple[FileState, int]]:
+        """Files whose language is open get it from their first 30 s, as mlx_whisper detects it:
+        from the first window's features where that window is a full one, else from an extra
+        window (a short file's detection window holds its padding's frames). -> {id: (file, row)}"""
+        out: dict[int, tuple[FileState, int]] = {}
+        for r in rows:
+            f = r.file
+            if f.language is not None or id(f) in out:
+                continue
+            index = next((i for i, (x, size) in enumerate(zip(live, sizes)) if x.file is f and x.seek == 0 and size == N_FRAMES), None)
+            if index is None:
+                index = len(mels)
+                mels.append(f.mel.detection_window())
+            out[id(f)] = (f, index)
+        return out
+
+    def _detect(self, detect: dict[int, tuple[FileState, int]], features: mx.array) -> None:
+        if not detect:
+            return
+        items = list(detect.values())
+        found = window_languages(self.loaded, features[mx.array([i for _, i in items])])
+        for (f, _), w in zip(items, found):
+            code = max(w.language_probs, key=w.language_probs.get)
+            f.language, f.language_probability = code, float(w.language_probs[code])
+
+    def _decode_with_fallback(self, rows: list[Row], features: mx.array, languages: list[str]) -> list[WindowResult]:
+        """Every row at its first temperature; rows that fail the thresholds again, hotter, together."""
+        tokenizers = [self.loaded.tokenizer(lang, r.file.options.task) for r, lang in zip(rows, languages)]
+        results: list[WindowResult | None] = [None] * len(rows)
+        todo = list(range(len(rows)))
+        level = 0
+        while todo:
+            groups: dict[float, list[int]] = {}
+            for i in todo:
+                groups.setdefault(rows[i].file.options.temperatures[level], []).append(i)
+            for temperature, idx in groups.items():
+                decoded = decode_batch(
+                    self.model,
+                    [tokenizers[i] for i in idx],
+                    features[mx.array(idx)] if len(idx) < features.shape[0] else features,
+                    [rows[i].prompt for i in idx],
+                    temperature=temperature,
+                    options=self.options,
+                    rules=self.rules,
+                )
+                for i, res in zip(idx, decoded):
+                    results[i] = res
+            level += 1
+            todo = [
+                i for i in todo
+                if level < len(rows[i].file.options.temperatures) and needs_fallback(results[i], rows[i].file.options)
+            ]
+            self.stats.redecoded += len(todo)
+        return results  # type: ignore[return-value]
+
+    def _pieces(self, r: Row, res: WindowResult, size: int, language: str) -> list[Piece]:
+        if is_silence(res, r.file.options, size):
+            return []
+        return window_pieces(r, res, size, self.loaded.tokenizer(language, r.file.options.task), self.rules.ts_begin)
+
+    def _add_words(self, rows, features, results, sizes, pieces, languages) -> list[list[Piece]]:
+        """Word timestamps for every row that wants them, in one pass over the round's features."""
+        windows, at = [], []
+        for i, (r, size, ps, lang) in enumerate(zip(rows, sizes, pieces, languages)):
+            if not ps or not r.file.options.word_timestamps:
+                continue
+            at.append(i)
+            windows.append(
+                words.WindowTokens(
+                    feature_index=i,
+                    offset_s=r.seek * HOP_LENGTH / SAMPLE_RATE,
+                    num_frames=size,
+                    segments=tuple(p.segment for p in ps),
+                    tokens=tuple(p.tokens for p in ps),
+                    language=lang,
+                    last_speech_s=r.last_speech_s,
+                )
+            )
+        if not windows:
+            return pieces
+        timed = words.add_word_timestamps(self.loaded, features, windows)
+        out = list(pieces)
+        for i, segments in zip(at, timed):
+            out[i] = [replace(p, segment=seg) for p, seg in zip(pieces[i], segments)]
+        return out
+
+    # --- finishing ----------------------------------------------------------------------------
+
+    def _finish(self, f: FileState) -> None:
+        """Resolve a file's Future with its Transcript (caller holds self._cond)."""
+        try:
+            transcript = build_transcript(f, self.loaded.name, self.batch_size, self.device)
+        except Exception as e:  # never leave a caller waiting
+            f.future.set_exception(e)
+        else:
+            f.future.set_result(transcript)
+        finally:
+            if f.mel is not None:
+                f.mel.close()
+
+
+def build_transcript(f: FileState, model_name: str, batch_size: int, device: str) -> Transcript:
+    entries = sorted(f.segments, key=lambda e: e[0].start_s)
+    segments = tuple(seg for seg, _ in entries)
+    if segments and f.options.word_timestamps:
+        segments = words.finalize_words(segments)
+    text = "".join(raw for _, raw in entries).strip()
+    language, probability = f.language, f.language_probability
+    if not segments and not f.options.language:
+        language, probability = None, None  # no speech: no language
+    return Transcript(
+        language=language,
+        language_probability=probability,
+        duration_s=f.audio_s,
+        text=text,
+        segments=segments,
+        timing=Timing(audio_s=f.audio_s, wall_s=f.busy_s, batch_size=batch_size, device=device, model=model_name),
+        options=f.options.as_record(),
+        decoded_s=f.decoded_s,
+        warnings=f.warnings,
+    )
+
+
+# --- the splitting policy ---------------------------------------------------------------------
+
+
+def pick_row_to_split(rows: list[Row], min_frames: int) -> Row | None:
+    """The row with the most audio left, if it can be cut into two stretches of min_frames."""
+    candidates = [r for r in rows if r.remaining >= 2 * min_frames and not r.file.solo]
+    return max(candidates, key=lambda r: r.remaining, default=None)
+
+
+def split_row(row: Row, prompt: list[int], min_frames: int) -> Row:
+    """Cut the row's remaining audio at its quietest 0.3 s near the middle: the row keeps the first
+    part, the returned new row (no previous text, as at a file's start) takes the second."""
+    energy = row.file.mel.energy
+    mid = row.seek + row.remaining // 2
+    search = int(CUT_SEARCH_S * FRAMES_PER_SECOND)
+    lo = max(row.seek + min_frames, mid - search)  # both parts at least min_frames long
+    hi = max(lo + 1, min(row.end_frame - min_frames, mid + search))
+    span = energy[lo - QUIET_SPAN_FRAMES : hi + QUIET_SPAN_FRAMES]
+    smooth = np.convolve(span, np.ones(QUIET_SPAN_FRAMES) / QUIET_SPAN_FRAMES, mode="same")
+    cut = lo + int(np.argmin(smooth[QUIET_SPAN_FRAMES : QUIET_SPAN_FRAMES + hi - lo]))
+    new = Row(row.file, cut, row.end_frame, cut, prompt, last_speech_s=cut / FRAMES_PER_SECOND)
+    row.end_frame = cut
+    return new
