@@ -5,6 +5,8 @@ so `archive-asr enqueue` works on a fresh machine with no set-up step.
 from __future__ import annotations
 
 import fcntl
+import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,11 +18,14 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from archive_asr.errors import ConfigError, DatabaseUnavailable
-from archive_asr.settings import get_settings
+from archive_asr.settings import get_settings, masked_url, private_dir
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 60  # several local workers write one SQLite file; wait, don't fail
 PG_MIGRATION_LOCK = 0x61736172  # advisory lock id ("asar"): one process migrates at a time
+DISK_FULL_BYTES = 1 << 20  # less free space than this beside a SQLite file that fails: the disk is full
+# What SQLite and PostgreSQL say when the disk is full (SQLite often only says "disk I/O error").
+DISK_ERRORS = ("disk I/O error", "database or disk is full", "No space left on device", "could not extend file")
 
 _engines: dict[str, Engine] = {}
 _migrated: set[str] = set()
@@ -29,11 +34,8 @@ _lock = threading.Lock()
 
 
 def safe_url(url: str) -> str:
-    """The URL with any password hidden, for messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
+    """The URL with any password hidden, for messages (a password holding an unescaped '@' included)."""
+    return masked_url(url)
 
 
 def _normalise(url: str) -> str:
@@ -63,11 +65,11 @@ def _sqlite_begin_immediate(conn) -> None:
 def _create(url: str) -> Engine:
     try:
         parsed = make_url(url)
-    except ArgumentError as e:
-        raise ConfigError(f"ARCHIVE_ASR_DATABASE_URL is not a database URL: {url!r}") from e
+    except (ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
+        raise ConfigError(f"ARCHIVE_ASR_DATABASE_URL is not a database URL ({e}): {safe_url(url)}") from e
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            _create_private_file(Path(parsed.database).expanduser())
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
@@ -79,10 +81,45 @@ def _create(url: str) -> Engine:
     return engine
 
 
+def _create_private_file(path: Path) -> None:
+    """A new SQLite file is made 0600 (SQLite gives its -wal and -shm files the same mode); an
+    existing one keeps its mode."""
+    private_dir(path.parent)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        pass  # SQLite will say why (read-only folder, full disk) in its own words
+
+
+def _disk_full(url: str, reason: str) -> str | None:
+    """'disk full: ...' when this failure is a full disk, else None."""
+    if not any(marker in reason for marker in DISK_ERRORS):
+        return None
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        parsed = None
+    if parsed is not None and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return None
+        if free >= DISK_FULL_BYTES and "disk is full" not in reason:
+            return None  # a real I/O error, not space
+        return f"disk full ({free} bytes free in {folder}): free some space and start again"
+    if "No space left on device" in reason or "could not extend file" in reason:
+        return f"disk full on the database server ({reason})"
+    return None
+
+
 def connect_error(url: str, e: Exception) -> DatabaseUnavailable:
-    """One readable line for a database that does not answer."""
+    """One readable line for a database that does not answer (or whose disk is full)."""
     reason = str(getattr(e, "orig", None) or e).strip().splitlines()
-    return DatabaseUnavailable(f"cannot open the database {safe_url(url)}: {reason[0] if reason else type(e).__name__}")
+    first = reason[0] if reason else type(e).__name__
+    return DatabaseUnavailable(f"cannot open the database {safe_url(url)}: {_disk_full(url, first) or first}")
 
 
 def get_engine(url: str | None = None, *, migrate: bool = True) -> Engine:
