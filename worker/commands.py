@@ -158,9 +158,12 @@ def broker_status(as_json: bool) -> None:
         click.echo(json.dumps(status))
         return
     kind = "embedded Valkey" if status["embedded"] else "configured broker"
-    click.echo(f"{kind}: {'running' if status['running'] else 'not running'} ({status.get('url') or 'never started'})")
+    condition = status.get("state") or ("running" if status["running"] else "not running")
+    click.echo(f"{kind}: {condition} ({status.get('url') or 'never started'})")
     if status.get("pid"):
         click.echo(f"pid {status['pid']}, data in {status['data_dir']}")
+    if status.get("reason"):
+        click.echo(f"  {status['reason']}")
     for name, n in status.get("queues", {}).items():
         click.echo(f"  {name}: {n} waiting")
 
@@ -186,7 +189,11 @@ def broker_stop() -> None:
 
     if not b.is_embedded():
         raise click.ClickException("ARCHIVE_ASR_BROKER_URL is set: stop that broker where it runs")
-    click.echo("embedded Valkey stopped" if b.stop_embedded() else "embedded Valkey was not running")
+    try:
+        pid = b.stop_embedded()
+    except ArchiveAsrError as e:
+        raise _fail(e) from e
+    click.echo(f"embedded Valkey stopped (pid {pid})" if pid else "embedded Valkey was not running")
 
 
 # --- flower ------------------------------------------------------------------------------------------
@@ -201,36 +208,56 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+# Flower options our settings decide; inherited FLOWER_* variables must not override them (Flower
+# reads its environment), least of all FLOWER_UNAUTHENTICATED_API, which opens its control API.
+FLOWER_ENV_OVERRIDES = ("FLOWER_UNAUTHENTICATED_API", "FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_ADDRESS", "FLOWER_PORT")
+
+
 @click.command()
 @click.option("--address", default=None, help="Address to bind (default: ARCHIVE_ASR_FLOWER_ADDRESS, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: ARCHIVE_ASR_FLOWER_PORT, 5555).")
-@click.option("--basic-auth", default=None, help="user:password (default: ARCHIVE_ASR_FLOWER_BASIC_AUTH).")
+@click.option("--basic-auth", default=None,
+              help="user:password, neither empty (default: ARCHIVE_ASR_FLOWER_BASIC_AUTH).")
 def flower(address: str | None, port: int | None, basic_auth: str | None) -> None:
-    """Start Flower, the live view of workers and tasks."""
-    settings = get_settings()
+    """Start Flower, the live view of workers and tasks (read-only without a password)."""
+    from archive_asr.settings import check_basic_auth
+
+    try:
+        settings = get_settings()
+    except ConfigError as e:
+        raise _fail(e) from e
     address = address or settings.flower_address
     port = port or settings.flower_port
     basic_auth = basic_auth if basic_auth is not None else settings.flower_basic_auth
-    if basic_auth and ":" not in basic_auth:
-        raise click.ClickException("basic auth must be user:password (ARCHIVE_ASR_FLOWER_BASIC_AUTH)")
-    if not basic_auth and not is_loopback(address):
+    if basic_auth:
+        try:
+            check_basic_auth(basic_auth)
+        except ValueError as e:
+            raise click.ClickException(f"Flower's basic auth {e} (--basic-auth or ARCHIVE_ASR_FLOWER_BASIC_AUTH)") from e
+    elif not is_loopback(address):
         raise click.ClickException(
             f"refusing to serve Flower on {address} without a password: set ARCHIVE_ASR_FLOWER_BASIC_AUTH=user:password "
             "or bind 127.0.0.1"
         )
+    for name in FLOWER_ENV_OVERRIDES:
+        os.environ.pop(name, None)
     argv = ["flower", f"--address={address}", f"--port={port}"]
     if basic_auth:
         argv.append(f"--basic_auth={basic_auth}")
-    else:
-        # Flower's API refuses anonymous calls unless told otherwise; only this machine can reach it here.
-        os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
+    # Without a password Flower's API (worker shutdown, pool restart, task revoke) stays off: any
+    # local user or any web page in this machine's browser could call it.
     try:
         from worker.app import app
 
         app.conf.broker_url  # noqa: B018  (resolve the broker now: starts the embedded one if needed)
     except ArchiveAsrError as e:
         raise _fail(e) from e
-    click.echo(f"Flower on http://{address}:{port}" + (" (basic auth)" if basic_auth else " (this machine only)"), err=True)
+    click.echo(
+        f"Flower on http://{address}:{port}"
+        + (" (basic auth)" if basic_auth else
+           " (this machine only, read-only: its API and worker controls are off without ARCHIVE_ASR_FLOWER_BASIC_AUTH)"),
+        err=True,
+    )
     app.start(argv)
 
 
