@@ -88,7 +88,7 @@ def wait_settled(ids: list[int], timeout_s: float = 900) -> list:
 class Worker:
     def __init__(self, env: dict, log: Path):
         self.log = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "worker", "--model", MODEL], env=env, cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--model", MODEL], env=env, cwd=REPO,
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def stop(self):
@@ -200,7 +200,7 @@ def main() -> None:
               f"({rec['failed']} failed)")
     finally:
         if not args.broker_url:
-            subprocess.run([sys.executable, "-m", "worker", "broker", "stop"], env=env, cwd=REPO, capture_output=True)
+            subprocess.run([sys.executable, "-m", "cli", "broker", "stop"], env=env, cwd=REPO, capture_output=True)
         print(f"load average at end {os.getloadavg()[0]:.1f}; logs in {tmp}")
 
 

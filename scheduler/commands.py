@@ -1,13 +1,16 @@
 """The scheduler's commands: enqueue, status, export, search, retry, db.
 
-Each opens the database through models.db, which creates or migrates it on first use.
+Each opens the database through models.db, which creates or migrates it on first use. The scheduler
+never imports the worker package: new jobs reach the workers through the dispatch function that
+the root command group (`cli.main`) puts in the click context as a `Wiring`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -16,9 +19,20 @@ from archive_asr.errors import BrokerUnavailable
 from archive_asr.settings import get_settings
 from models.db import current_revision, get_engine, head_revision, safe_url, session_scope, upgrade
 from models.tables import JobStatus
+from scheduler.enqueue import EnqueueError, Enqueuer, JobSpec, Summary, job_spec
 from scheduler.export import FORMATS, NotFound, load_transcript, output_name, printable, render, resolve_jobs
 
 JSON_HELP = "Print machine-readable JSON instead of text."
+
+# Job ids -> messages sent; raises BrokerUnavailable when the broker does not answer.
+Dispatch = Callable[[Sequence[int]], int]
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the root command group gives the scheduler's commands (click's `ctx.obj`)."""
+
+    dispatch: Dispatch | None = None  # None: jobs stay in the database for a reconciler to send
 
 
 def _err(message: str) -> None:
@@ -36,19 +50,34 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def dispatch(job_ids: list[int], *, quiet: bool) -> int | None:
-    """Hand new job ids to the workers' broker, if the worker package is installed.
+def _times(factor: float) -> str:
+    """A speed-up with sensible precision: 0.43x, 4.3x, 43x, 2135x."""
+    return f"{factor:.2f}x" if factor < 1 else f"{factor:.1f}x" if factor < 100 else f"{factor:.0f}x"
+
+
+def _per_hour(audio_hours_per_hour: float | None) -> str:
+    if audio_hours_per_hour is None:
+        return "- h of audio per hour"
+    return f"{_times(audio_hours_per_hour).removesuffix('x')} h of audio per hour"
+
+
+def _wired_dispatch() -> Dispatch | None:
+    ctx = click.get_current_context(silent=True)
+    wiring = ctx.find_object(Wiring) if ctx is not None else None
+    return wiring.dispatch if wiring is not None else None
+
+
+def dispatch(job_ids: list[int], *, send: Dispatch | None, quiet: bool) -> int | None:
+    """Hand job ids to the workers' broker; None when there is no broker to send to.
 
     A broker that does not answer is no failure here: the jobs are safe in the database, and the
     reconciler or the next worker to start dispatches them.
     """
-    if not job_ids or importlib.util.find_spec("worker.dispatch") is None:
+    if not job_ids or send is None:
         return None
     try:
-        from worker.dispatch import dispatch_new_jobs
-
-        return dispatch_new_jobs(job_ids)
-    except (BrokerUnavailable, ImportError) as e:
+        return send(job_ids)
+    except BrokerUnavailable as e:
         if not quiet:
             _err(f"warning: {e}")
             _err("warning: the jobs are queued in the database; `archive-asr reconcile` "
@@ -75,22 +104,33 @@ def dispatch(job_ids: list[int], *, quiet: bool) -> int | None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-file messages.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def enqueue(paths, model, language, no_words, priority, include, exclude, dry_run, no_dispatch, quiet, as_json):
-    """Scan folders and files for audio and queue one job per new recording."""
-    from scheduler.enqueue import EnqueueError, Enqueuer, job_spec
+    """Scan folders and files for audio and queue one job per new recording.
 
+    A PATH that does not exist is reported and makes the exit status 1, after the others are queued.
+    """
     settings = get_settings()
     try:
         spec = job_spec(model=model or settings.model, language=language, word_timestamps=not no_words,
                         priority=priority)
     except EnqueueError as e:
         raise click.ClickException(str(e)) from e
+    summary = enqueue_paths(paths=list(paths), spec=spec, include=include, exclude=exclude, dry_run=dry_run,
+                            send=None if no_dispatch else _wired_dispatch(), quiet=quiet, as_json=as_json)
+    if summary.missing:
+        click.get_current_context().exit(1)
+
+
+def enqueue_paths(*, paths: list[str], spec: JobSpec, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                  dry_run: bool = False, send: Dispatch | None, quiet: bool = False, as_json: bool = False) -> Summary:
+    """Scan, hash and queue `paths` as `spec` says, send the new jobs with `send`, print the report."""
     get_engine()  # open (and create or migrate) the database before the long scan
 
     progress = None if quiet or as_json or not sys.stderr.isatty() else _progress()
 
     def on_skip(skipped):
-        if not quiet:
-            line = f"skipped {printable(skipped.path)}: {skipped.reason}"
+        # A path that does not exist is an error, reported even with --quiet (as cp and ls do).
+        if skipped.missing or not quiet:
+            line = f"{'error: cannot access' if skipped.missing else 'skipped'} {printable(skipped.path)}: {skipped.reason}"
             (progress.console.print(line, markup=False, highlight=False) if progress else _err(line))
 
     dispatched: int | None = None
@@ -102,14 +142,14 @@ def enqueue(paths, model, language, no_words, priority, include, exclude, dry_ru
         nonlocal dispatched, broker_down
         if broker_down:
             return
-        n = dispatch(job_ids, quiet=quiet or as_json)
+        n = dispatch(job_ids, quiet=quiet or as_json, send=send)
         if n is None:
             broker_down = True
         else:
             dispatched = (dispatched or 0) + n
 
     enqueuer = Enqueuer(spec=spec, dry_run=dry_run, on_skip=on_skip,
-                        on_jobs=None if dry_run or no_dispatch else on_jobs)
+                        on_jobs=None if dry_run or send is None else on_jobs)
     if progress is not None:
         scan_task = progress.add_task("scanning", total=None, unit="files")
         hash_task = None
@@ -127,16 +167,16 @@ def enqueue(paths, model, language, no_words, priority, include, exclude, dry_ru
 
         enqueuer.on_found, enqueuer.on_hash_start, enqueuer.on_bytes = on_found, on_hash_start, on_bytes
         with progress:
-            summary = enqueuer.run(list(paths), include=include, exclude=exclude)
+            summary = enqueuer.run(paths, include=include, exclude=exclude)
     else:
-        summary = enqueuer.run(list(paths), include=include, exclude=exclude)
+        summary = enqueuer.run(paths, include=include, exclude=exclude)
 
     if as_json:
         out = summary.to_json(dry_run=dry_run)
         out.update(model=spec.model, language=spec.language, word_timestamps=spec.word_timestamps,
                    dispatched=dispatched)
         click.echo(json.dumps(out, ensure_ascii=False))
-        return
+        return summary
     s = summary
     verb = "would queue" if dry_run else "queued"
     new = s.would_create if dry_run else len(s.new_jobs)
@@ -150,8 +190,11 @@ def enqueue(paths, model, language, no_words, priority, include, exclude, dry_ru
                    f"{', no word timestamps' if not spec.word_timestamps else ''})")
         click.echo(f"  unchanged: {s.unchanged}  changed: {s.changed}  moved: {s.moved}  "
                    f"duplicates of known content: {s.duplicates}")
-    if s.skipped:
-        click.echo(f"  skipped: {len(s.skipped)} (see the messages above)" if not quiet else f"  skipped: {len(s.skipped)}")
+    skipped = len(s.skipped) - len(s.missing)
+    if skipped:
+        click.echo(f"  skipped: {skipped} (see the messages above)" if not quiet else f"  skipped: {skipped}")
+    if s.missing:
+        click.echo(f"  not found: {len(s.missing)} path(s) (see the errors above)")
     if s.excluded:
         click.echo(f"  left out by --include/--exclude: {s.excluded}")
     if s.unprobed and not dry_run:
@@ -159,6 +202,7 @@ def enqueue(paths, model, language, no_words, priority, include, exclude, dry_ru
                    "fail with the reason (see `archive-asr status`)")
     if dispatched is not None:
         click.echo(f"  dispatched {dispatched} job(s) to the workers")
+    return summary
 
 
 def _progress():
@@ -194,15 +238,17 @@ def status(as_json):
     if report.jobs_left_without_duration:
         left += f" (+{report.jobs_left_without_duration} file(s) of unknown length)"
     click.echo(f"audio: {_hours(report.audio_s_done)} done, {left} left")
-    rate = report.audio_s_last_hour / 3600
     eta = f"; ETA {_duration(report.eta_s)}" if report.eta_s else (
         "; ETA unknown until jobs finish" if c["queued"] + c["running"] else "")
-    click.echo(f"last hour: {report.done_last_hour} job(s), {rate:.2f} h of audio per hour{eta}")
+    rate = (f"{_hours(report.audio_s_last_hour)} of audio in {_duration(report.worked_s_last_hour)} of work, "
+            f"{_per_hour(report.audio_hours_per_hour)}" if report.done_last_hour else "no job finished")
+    click.echo(f"last hour: {report.done_last_hour} job(s), {rate}{eta}")
     if report.workers:
         click.echo("workers (last hour):")
         for w in report.workers:
-            rtf = f"{w.mean_real_time_factor:.0f}x real time" if w.mean_real_time_factor else "-"
-            click.echo(f"  {w.host}: running {w.running}, done {w.done_last_hour} ({_hours(w.audio_s_last_hour)}), "
+            rtf = f"{_times(w.mean_real_time_factor)} real time" if w.mean_real_time_factor else "real time -"
+            click.echo(f"  {w.host} ({w.device or 'device not yet known'}): running {w.running}, "
+                       f"done {w.done_last_hour} ({_hours(w.audio_s_last_hour)}), {_per_hour(w.audio_hours_per_hour)}, "
                        f"{rtf}, last heartbeat {w.last_heartbeat or '-'}")
     if report.failures:
         click.echo(f"failed ({report.failed_total}; `archive-asr retry` re-queues them):")
@@ -224,32 +270,62 @@ def status(as_json):
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write one file per transcript into this folder (created if missing).")
 def export(refs, fmt, out_dir):
-    """Write finished transcripts as txt, srt, vtt, json or tsv (stdout for a single one)."""
+    """Write finished transcripts as txt, srt, vtt, json or tsv (stdout for a single one).
+
+    With no JOB_OR_PATH, every finished transcript. A named job or file that has none yet (failed,
+    running, queued) is reported with its reason, and the exit status is 1.
+    """
     with session_scope() as session:
         try:
             jobs = resolve_jobs(session=session, refs=refs, status=JobStatus.DONE, latest_per_file=True)
+            unfinished = _unfinished(session=session, refs=refs, exported=jobs) if refs else []
         except NotFound as e:
             raise click.ClickException(str(e)) from e
+        for job in unfinished:
+            _err(f"not exported: job {job.id} ({printable(job.path)}) {_why_unfinished(job)}")
         if not jobs:
-            _err("nothing to export: no finished transcripts" + (" for those arguments" if refs else " yet"))
-            return
-        if out_dir is None:
-            if len(jobs) > 1 and fmt != "json":
-                raise click.ClickException(f"{len(jobs)} transcripts match: pass --out DIR to write one file each "
-                                           "(or --format json to print them as one list)")
-            texts = [render(load_transcript(session=session, job_id=j.id), fmt) for j in jobs]
-            if fmt == "json" and len(jobs) > 1:
-                click.echo("[" + ",\n".join(t.rstrip("\n") for t in texts) + "]")
-            else:
-                click.echo(texts[0], nl=False)
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        taken: set[str] = set()
-        for job in jobs:
-            transcript = load_transcript(session=session, job_id=job.id)
-            target = out_dir / output_name(transcript, fmt, taken)
-            target.write_text(render(transcript, fmt), encoding="utf-8")
-        click.echo(f"wrote {len(jobs)} {fmt} file(s) to {out_dir}")
+            if not unfinished:
+                _err("nothing to export: no finished transcripts" + (" for those arguments" if refs else " yet"))
+            click.get_current_context().exit(1 if unfinished else 0)
+        _write_exports(session=session, jobs=jobs, fmt=fmt, out_dir=out_dir)
+    if unfinished:
+        click.get_current_context().exit(1)
+
+
+def _unfinished(*, session, refs: tuple[str, ...], exported: list) -> list:
+    """Jobs named by `refs` that have no transcript, leaving out content that has one to export."""
+    covered = {job.sha256 for job in exported}
+    return [job for job in resolve_jobs(session=session, refs=refs, status=None)
+            if job.status != JobStatus.DONE and job.sha256 not in covered]
+
+
+def _why_unfinished(job) -> str:
+    if job.status == JobStatus.FAILED:
+        return f"failed: {(job.error or 'no reason recorded').strip().splitlines()[0]}"
+    if job.status == JobStatus.RUNNING:
+        return f"is still running on {job.worker_host or 'a worker'} (attempt {job.attempts})"
+    return "is still queued, waiting for a worker" + (f" (last error: {job.error.splitlines()[0]})" if job.error else "")
+
+
+def _write_exports(*, session, jobs: list, fmt: str, out_dir: Path | None) -> None:
+    """Print one transcript (or a JSON list) to stdout, or write one file per transcript into out_dir."""
+    if out_dir is None:
+        if len(jobs) > 1 and fmt != "json":
+            raise click.ClickException(f"{len(jobs)} transcripts match: pass --out DIR to write one file each "
+                                       "(or --format json to print them as one list)")
+        texts = [render(load_transcript(session=session, job_id=j.id), fmt) for j in jobs]
+        if fmt == "json" and len(jobs) > 1:
+            click.echo("[" + ",\n".join(t.rstrip("\n") for t in texts) + "]")
+        else:
+            click.echo(texts[0], nl=False)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    for job in jobs:
+        transcript = load_transcript(session=session, job_id=job.id)
+        target = out_dir / output_name(transcript, fmt, taken)
+        target.write_text(render(transcript, fmt), encoding="utf-8")
+    click.echo(f"wrote {len(jobs)} {fmt} file(s) to {out_dir}")
 
 
 # ---------------------------------------------------------------------------------------- search
@@ -302,7 +378,7 @@ def retry(refs, no_dispatch, quiet):
         click.echo("nothing to retry: no failed jobs" + (" among those arguments" if refs else ""))
         return
     click.echo(f"re-queued {len(ids)} job(s)")
-    dispatched = None if no_dispatch else dispatch(ids, quiet=quiet)
+    dispatched = None if no_dispatch else dispatch(ids, quiet=quiet, send=_wired_dispatch())
     if dispatched is not None:
         click.echo(f"dispatched {dispatched} job(s) to the workers")
 

@@ -85,6 +85,12 @@ class Summary:
     audio_s: float = 0.0  # duration of every file found (those that could be probed)
     new_audio_s: float = 0.0  # duration of the new jobs
     unprobed: int = 0  # files whose container header gave no duration (maybe not audio)
+    job_keys: set[str] = field(default_factory=set)  # `jobs.key` of every file found, new job or not
+
+    @property
+    def missing(self) -> list[Skipped]:
+        """Paths named by the caller that do not exist."""
+        return [s for s in self.skipped if s.missing]
 
     def to_json(self, *, dry_run: bool) -> dict:
         return {
@@ -99,6 +105,7 @@ class Summary:
             "would_hash": self.would_hash,
             "skipped": len(self.skipped),
             "skipped_paths": [{"path": s.path, "reason": s.reason} for s in self.skipped],
+            "missing_paths": [s.path for s in self.missing],
             "not_audio": self.not_audio,
             "excluded": self.excluded,
             "audio_hours": round(self.audio_s / 3600, 4),
@@ -347,6 +354,7 @@ class Enqueuer:
                 sha256=sha, duration_s=duration_s, status=JobStatus.QUEUED, attempts=0, priority=spec.priority,
                 model=spec.model, language=spec.language, word_timestamps=spec.word_timestamps, created_at=now,
             ))
+        self.summary.job_keys.update(by_key)
         if not by_key:
             return
         existing = set(session.scalars(select(Job.key).where(Job.key.in_(list(by_key)))))

@@ -37,6 +37,7 @@ class Skipped:
 
     path_bytes: bytes
     reason: str
+    missing: bool = False  # a path named by the caller that does not exist (a command-line error)
 
     @property
     def path(self) -> str:
@@ -77,7 +78,7 @@ class Scanner:
                 st = os.stat(path)
             except FileNotFoundError:
                 reason = "broken symlink" if os.path.islink(path) else "no such file or directory"
-                yield Skipped(path, reason)
+                yield Skipped(path, reason, missing=True)
                 continue
             except OSError as e:
                 yield Skipped(path, _reason(e))

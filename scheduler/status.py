@@ -1,9 +1,16 @@
-"""What `archive-asr status` reports: counts, hours done and left, throughput, ETA, failures, workers."""
+"""What `archive-asr status` reports: counts, hours done and left, throughput, ETA, failures, workers.
+
+Throughput is audio finished in the last hour divided by the time actually worked on it: the union
+of the finished jobs' [started_at, finished_at] intervals, so a queue that started two minutes ago
+is measured over those two minutes (not over an hour), and neither idle gaps nor two workers busy at
+once are counted twice. The ETA is the audio left at that rate.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
@@ -18,10 +25,13 @@ MAX_FAILURES = 50
 @dataclass(frozen=True)
 class WorkerRow:
     host: str
+    device: str | None  # as its latest transcript recorded it, e.g. "cpu", "gpu (NVIDIA H100)"
     running: int
     done_last_hour: int
     audio_s_last_hour: float
-    mean_real_time_factor: float | None
+    worked_s_last_hour: float  # time spent on the jobs it finished in the last hour
+    audio_hours_per_hour: float | None  # audio_s_last_hour / worked_s_last_hour; None before a job finishes
+    mean_real_time_factor: float | None  # the engine's audio seconds per wall second, mean over its jobs
     last_heartbeat: str | None
 
 
@@ -41,7 +51,9 @@ class Report:
     jobs_left_without_duration: int
     done_last_hour: int
     audio_s_last_hour: float
-    eta_s: float | None
+    worked_s_last_hour: float  # union of the intervals the jobs finished in the last hour ran in
+    audio_hours_per_hour: float | None  # audio_s_last_hour / worked_s_last_hour
+    eta_s: float | None  # audio left at that rate
     failures: list[Failure] = field(default_factory=list)
     failed_total: int = 0
     workers: list[WorkerRow] = field(default_factory=list)
@@ -55,12 +67,31 @@ class Report:
         d["total"] = self.total
         d["hours_done"] = round(self.audio_s_done / 3600, 4)
         d["hours_left"] = round(self.audio_s_left / 3600, 4)
-        d["audio_hours_per_hour"] = round(self.audio_s_last_hour / WINDOW_S, 4)
         return d
 
 
 def _count_if(condition):
     return func.sum(case((condition, 1), else_=0))
+
+
+def worked_s(intervals: Iterable[tuple[datetime, datetime]]) -> float:
+    """Seconds covered by the union of (start, end) intervals: overlaps once, gaps not at all."""
+    total = 0.0
+    current_start = current_end = None
+    for start, end in sorted(intervals):
+        if current_end is None or start > current_end:
+            if current_end is not None:
+                total += (current_end - current_start).total_seconds()
+            current_start, current_end = start, end
+        elif end > current_end:
+            current_end = end
+    if current_end is not None:
+        total += (current_end - current_start).total_seconds()
+    return total
+
+
+def _rate(audio_s: float, worked: float) -> float | None:
+    return audio_s / worked if worked > 0 and audio_s > 0 else None
 
 
 def build_report(*, session: Session) -> Report:
@@ -94,7 +125,17 @@ def build_report(*, session: Session) -> Report:
         .where(Job.status == JobStatus.DONE, Job.finished_at >= since)
     ).one()
     left_s = audio.get("queued", 0.0) + audio.get("running", 0.0)
-    eta_s = left_s / (audio_last_hour / WINDOW_S) if audio_last_hour > 0 and left_s > 0 else None
+    # When each job finished in the window ran (failed ones too: their time was spent all the same).
+    intervals: dict[str | None, list[tuple[datetime, datetime]]] = {}
+    for host, started_at, finished_at in session.execute(
+        select(Job.worker_host, Job.started_at, Job.finished_at).where(
+            Job.status.in_([JobStatus.DONE, JobStatus.FAILED]), Job.finished_at >= since, Job.started_at.is_not(None)
+        )
+    ):
+        intervals.setdefault(host, []).append((min(started_at, finished_at), finished_at))
+    worked = worked_s(i for spans in intervals.values() for i in spans)
+    rate = _rate(float(audio_last_hour), worked)
+    eta_s = left_s / rate if rate and left_s > 0 else None
 
     failures = [
         Failure(job_id=j.id, path=j.path, attempts=j.attempts, error=j.error)
@@ -113,19 +154,22 @@ def build_report(*, session: Session) -> Report:
             func.coalesce(func.sum(case((recent, func.coalesce(Transcript.duration_s, Job.duration_s)), else_=0.0)), 0.0),
             func.avg(Transcript.real_time_factor),
             func.max(Job.heartbeat_at),
+            func.max(Transcript.device),
         )
         .select_from(Job).join(Transcript, Transcript.job_id == Job.id, isouter=True)
         .where(Job.worker_host.is_not(None), or_(Job.status == JobStatus.RUNNING, Job.finished_at >= since))
         .group_by(Job.worker_host)
         .order_by(Job.worker_host)
     )
-    for host, running, done, seconds, rtf, heartbeat in rows:
+    for host, running, done, seconds, rtf, heartbeat, device in rows:
         if isinstance(heartbeat, str):  # SQLite returns max() of a timestamp as text
             heartbeat_text = heartbeat
         else:
             heartbeat_text = heartbeat.isoformat() if heartbeat else None
-        workers.append(WorkerRow(host=host, running=int(running or 0), done_last_hour=int(done or 0),
-                                 audio_s_last_hour=float(seconds or 0.0),
+        host_worked = worked_s(intervals.get(host, ()))
+        workers.append(WorkerRow(host=host, device=device, running=int(running or 0), done_last_hour=int(done or 0),
+                                 audio_s_last_hour=float(seconds or 0.0), worked_s_last_hour=host_worked,
+                                 audio_hours_per_hour=_rate(float(seconds or 0.0), host_worked),
                                  mean_real_time_factor=float(rtf) if rtf is not None else None,
                                  last_heartbeat=heartbeat_text))
     return Report(
@@ -135,6 +179,8 @@ def build_report(*, session: Session) -> Report:
         jobs_left_without_duration=unknown_left,
         done_last_hour=int(done_last_hour),
         audio_s_last_hour=float(audio_last_hour),
+        worked_s_last_hour=worked,
+        audio_hours_per_hour=rate,
         eta_s=eta_s,
         failures=failures,
         failed_total=counts["failed"],

@@ -102,7 +102,7 @@ class WorkerProcess:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "worker", "--model", TEST_MODEL, *args],
+            [sys.executable, "-m", "cli", "worker", "--model", TEST_MODEL, *args],
             env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
 

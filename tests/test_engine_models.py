@@ -150,7 +150,7 @@ def test_models_cli_imports_and_lists_a_ct2_folder(tiny_ct2, data_dir: Path, tmp
     from click.testing import CliRunner
 
     from archive_asr.settings import get_settings
-    from scheduler.cli import main
+    from cli import main
 
     monkeypatch.setenv("ARCHIVE_ASR_MODELS_DIR", str(tmp_path / "models"))
     get_settings.cache_clear()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from scheduler.cli import main
+from cli import main
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from sqlalchemy import select, text
 from models.db import session_scope
 from models.jobs import claim_job, fail_job, finish_job
 from models.tables import Job, JobStatus
-from scheduler.cli import main
+from cli import main
 from tests.fixtures_db import db_url, make_transcript  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,9 @@ def test_export_formats_and_both_paths_of_shared_content(archive, tmp_path):
     result = CliRunner().invoke(main, ["export", str(archive)])  # two transcripts, no --out
     assert result.exit_code != 0 and "--out" in result.output
     out = tmp_path / "out"
-    assert "wrote 2" in run("export", "-f", "srt", "--out", str(out), str(archive)).stdout
+    result = CliRunner().invoke(main, ["export", "-f", "srt", "--out", str(out), str(archive)])
+    assert "wrote 2" in result.stdout  # the finished ones; the failed one is named with its reason, exit 1
+    assert result.exit_code == 1 and "cannot decode audio" in result.stderr
     assert sorted(p.name for p in out.iterdir()) in (
         ["jfk.srt", "librispeech_61-70968-0000.srt"], ["jfk copy.srt", "librispeech_61-70968-0000.srt"])
 
@@ -145,10 +147,9 @@ def test_retry_requeues_failed_jobs(archive):
         job = s.scalar(select(Job).where(Job.path.like("%1221-135766-0002.wav")))
         assert job.status == JobStatus.QUEUED and job.attempts == 0 and job.error is None
     assert "nothing to retry" in run("retry", "--no-dispatch").stdout
-    # one 4.83 s job left, 17 s of audio done in the last hour: the ETA is that ratio of an hour
+    # one 4.83 s job left and a rate measured on the jobs just done: an ETA (its arithmetic: test_scheduler_status.py)
     report = json.loads(run("status", "--json").stdout)
-    assert report["counts"]["queued"] == 1
-    assert report["eta_s"] == pytest.approx(4.83 * 3600 / 17.0, rel=0.03)
+    assert report["counts"]["queued"] == 1 and report["eta_s"] is not None
 
 
 def test_readme_queries_run_on_both_databases(archive):
@@ -174,7 +175,7 @@ def test_readme_queries_are_these():
 
 def _cli() -> list[str]:
     script = Path(sys.executable).parent / "archive-asr"
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from scheduler.cli import main; main()"]
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from cli import main; main()"]
 
 
 def test_unreachable_database_is_one_line_and_db_upgrade_works_from_anywhere(data_dir, tmp_path):
@@ -197,7 +198,7 @@ def test_unreachable_database_is_one_line_and_db_upgrade_works_from_anywhere(dat
 
 def test_scheduler_commands_never_import_mlx(tmp_path):
     code = (
-        "import sys; from click.testing import CliRunner; from scheduler.cli import main\n"
+        "import sys; from click.testing import CliRunner; from cli import main\n"
         "for args in (['enqueue', '--no-dispatch', '-q', sys.argv[1]], ['status'], ['search', 'x'], ['export']):\n"
         "    r = CliRunner().invoke(main, args); assert r.exit_code == 0, r.output\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_whisper', 'engine')))\n"

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from models.db import session_scope
 from models.tables import File, Job, JobStatus
-from scheduler.cli import main
+from cli import main
 from tests.fixtures_db import db_url  # noqa: F401
 
 CLIPS = ["jfk.flac", "librispeech_61-70968-0000.flac", "librispeech_1221-135766-0002.wav"]

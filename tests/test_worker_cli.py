@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from tests.fixtures_worker import REPO, SHORT_CLIPS, copy_clips, worker_env
 
 
 def test_flower_refuses_the_network_without_a_password(data_dir: Path):
-    from scheduler.cli import main
+    from cli import main
 
     result = CliRunner().invoke(main, ["flower", "--address", "0.0.0.0"])
     assert result.exit_code != 0
@@ -36,40 +37,62 @@ def test_worker_options_for_this_platform():
 
 
 def test_worker_rejects_a_bad_batch_size(data_dir: Path):
-    from scheduler.cli import main
+    from cli import main
 
     result = CliRunner().invoke(main, ["worker", "--batch-size", "lots"])
     assert result.exit_code != 0 and "'auto' or a positive number" in result.output
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_run_transcribes_a_folder_end_to_end(shared_audio: Path, tmp_path: Path, monkeypatch):
+@pytest.mark.timeout(400)
+def test_run_transcribes_a_folder_then_exits_nonzero_naming_the_failed_file(shared_audio: Path, tmp_path: Path, monkeypatch):
     env = worker_env(monkeypatch, tmp_path / "data", None)  # embedded defaults: SQLite, Valkey
     folder = tmp_path / "recordings"
     copy_clips(shared_audio, folder, SHORT_CLIPS[:2] + ("jfk.flac",))
     (folder / "broken.wav").write_text("not audio")
+
+    def run(*paths: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli", "run", *map(str, paths), "--quiet", "--batch-size", "2"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=280)
+
+    def broker_running() -> bool:
+        out = subprocess.run([sys.executable, "-m", "cli", "broker", "status", "--json"], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout)["running"]
+
     try:
-        out = subprocess.run(
-            [sys.executable, "-m", "worker", "run", str(folder), "--quiet", "--batch-size", "2"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=280,
-        )
+        out = run(folder)
+        assert out.returncode == 1, out.stdout + out.stderr  # a job it ran failed
+        assert "done: 3, failed: 1" in out.stdout
+        failed = [line for line in out.stderr.splitlines() if line.strip().startswith("failed:")]
+        assert len(failed) == 1 and "broken.wav" in failed[0]  # which, and why:
+        assert len(failed[0].split("broken.wav: ", 1)[1]) > 5
+        # It started the embedded broker itself, so it stopped it once its jobs were done.
+        assert "started the embedded Valkey broker" in out.stderr and "stopped the embedded broker" in out.stderr
+        assert not broker_running()
+        db = tmp_path / "data" / "archive.db"
+        assert f"results: sqlite:///{db}" in out.stdout
+        query = out.stdout.split("query:", 1)[1].strip().splitlines()[0]
+        assert query.startswith(f"sqlite3 '{db}'")
+        sql = query.split('"', 1)[1].rsplit('"', 1)[0]
+        rows = sqlite3.connect(db).execute(sql).fetchall()  # the printed query works and finds the transcripts
+        assert len(rows) == 3
+        assert {n for (n,) in sqlite3.connect(db).execute("SELECT batch_size FROM transcripts")} == {2}  # --batch-size reached the engine
+        jfk = next(r for r in rows if r[0].endswith("jfk.flac"))
+        assert "ask not what your country" in jfk[4].lower() or "fellow americans" in jfk[4].lower()
+        assert "x_real_time" in out.stdout and "country" in out.stdout  # and its result is printed
+
+        # Again on one finished file: nothing to transcribe, exit 0, and the results are that file's only.
+        again = run(folder / "jfk.flac")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "done: 1, failed: 0" in again.stdout
+        sql = again.stdout.split("query:", 1)[1].strip().splitlines()[0].split('"', 1)[1].rsplit('"', 1)[0]
+        assert [r[0] for r in sqlite3.connect(db).execute(sql)] == [str(folder / "jfk.flac")]
+        # The failed file, run again, is reported again (failed in an earlier run) and exits 1.
+        broken = run(folder / "broken.wav")
+        assert broken.returncode == 1 and "failed before this run" in broken.stderr
     finally:
-        subprocess.run([sys.executable, "-m", "worker", "broker", "stop"], env=env, cwd=REPO, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "done: 3, failed: 1" in out.stdout
-    assert "broken.wav" in out.stderr  # the failure and its reason are shown
-    db = tmp_path / "data" / "archive.db"
-    assert f"results: sqlite:///{db}" in out.stdout
-    query = out.stdout.split("query:", 1)[1].strip().splitlines()[0]
-    assert query.startswith(f"sqlite3 '{db}'")
-    sql = query.split('"', 1)[1].rsplit('"', 1)[0]
-    rows = sqlite3.connect(db).execute(sql).fetchall()  # the printed query works and finds the transcripts
-    assert len(rows) == 3
-    assert {n for (n,) in sqlite3.connect(db).execute("SELECT batch_size FROM transcripts")} == {2}  # --batch-size reached the engine
-    jfk = next(r for r in rows if r[0].endswith("jfk.flac"))
-    assert "ask not what your country" in jfk[4].lower() or "fellow americans" in jfk[4].lower()
-    assert "x_real_time" in out.stdout and "country" in out.stdout  # and its result is printed
+        subprocess.run([sys.executable, "-m", "cli", "broker", "stop"], env=env, cwd=REPO, timeout=60)
 
 
 @pytest.mark.timeout(120)
@@ -82,7 +105,7 @@ def test_worker_waits_for_an_unreachable_database_and_says_so(data_dir: Path, tm
                ARCHIVE_ASR_BROKER_URL="redis://127.0.0.1:1/0")
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "worker", "--model", "tiny.en"],
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--model", "tiny.en"],
                                 env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 60

@@ -42,7 +42,7 @@ def test_two_workers_on_sqlite_with_flower(shared_audio: Path, tmp_path: Path, m
     port = _free_port()
     flower_log = open(tmp_path / "flower.log", "wb")
     flower = subprocess.Popen(
-        [sys.executable, "-m", "worker", "flower", "--port", str(port), "--basic-auth", ":".join(AUTH)],
+        [sys.executable, "-m", "cli", "flower", "--port", str(port), "--basic-auth", ":".join(AUTH)],
         env=env, cwd=REPO, stdout=flower_log, stderr=subprocess.STDOUT,
     )
     api = f"http://127.0.0.1:{port}/api"
@@ -73,7 +73,7 @@ def test_two_workers_on_sqlite_with_flower(shared_audio: Path, tmp_path: Path, m
     finally:
         flower.terminate()
         flower.wait(timeout=30)
-        subprocess.run([sys.executable, "-m", "worker", "broker", "stop"], env=env, cwd=REPO, timeout=60)
+        subprocess.run([sys.executable, "-m", "cli", "broker", "stop"], env=env, cwd=REPO, timeout=60)
 
     assert len(ids) == len(SHORT_CLIPS)
     assert all(r.status.value == "done" and r.transcripts == 1 for r in rows), [(r.path, r.error) for r in rows]

@@ -1,7 +1,7 @@
 """CLI commands that run the engine directly, no queue: `transcribe` and `models`.
 
-Imported lazily by scheduler.cli only when invoked; MLX is imported only inside the commands, so
-`archive-asr models --help` stays quick.
+Added to the root group by `cli`; MLX is imported only inside the commands, so importing this
+module (every `archive-asr` command does) loads no engine and `archive-asr models --help` stays quick.
 """
 
 from __future__ import annotations

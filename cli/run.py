@@ -1,0 +1,221 @@
+"""`archive-asr run`: enqueue PATHS, transcribe them here with one local worker, print their results.
+
+It lives in the CLI package because it combines the scheduler (enqueue) with the worker (a local
+worker process, the reconciler, the embedded broker), which never import each other.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from archive_asr.errors import ArchiveAsrError
+from archive_asr.settings import get_settings
+from cli.dispatch import BrokerDispatch, start_broker
+from scheduler.commands import enqueue_paths
+from scheduler.enqueue import EnqueueError, job_spec
+from scheduler.export import printable
+from worker.cli_options import parse_batch_size
+
+CHUNK = 500  # job ids per IN (...) list
+SHOW_ROWS = 50  # results shown in the table (and named in the query) at most
+WORKER_RESTARTS = 3
+
+
+@dataclass(frozen=True)
+class RunJob:
+    id: int
+    path: str
+    status: str
+    error: str | None
+    finished_at: datetime | None
+
+
+def _jobs(*, keys: Iterable[str] = (), ids: Iterable[int] = ()) -> list[RunJob]:
+    """This run's jobs, by `jobs.key` or id, in path order."""
+    from sqlalchemy import select
+
+    from models.db import session_scope
+    from models.tables import Job
+
+    column, values = (Job.key, list(keys)) if keys else (Job.id, list(ids))
+    out: list[RunJob] = []
+    with session_scope() as session:
+        for i in range(0, len(values), CHUNK):
+            rows = session.execute(
+                select(Job.id, Job.path, Job.status, Job.error, Job.finished_at).where(column.in_(values[i : i + CHUNK]))
+            ).all()
+            out += [RunJob(r.id, r.path, r.status.value, r.error, r.finished_at) for r in rows]
+    return sorted(out, key=lambda j: (j.path, j.id))
+
+
+def _start_local_worker(model: str, batch_size: str | None, log_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "cli", "worker", "--model", model, "--no-reconcile"]
+    if batch_size:
+        cmd += ["--batch-size", batch_size]
+    with open(log_path, "ab") as log_file:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _stop_worker(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # warm shutdown: finishes the job in hand
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _drain(model: str, ids: list[int], batch_size: str | None, log_path: Path, quiet: bool) -> None:
+    """Run one local worker for `model` until none of this run's jobs is queued or running.
+
+    The worker takes its queue in priority order, so other waiting jobs of the model may run too.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    proc = _start_local_worker(model, batch_size, log_path)
+    restarts = 0
+    progress = Progress(
+        TextColumn(f"[bold]{model}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(), disable=quiet, transient=False,
+    )
+    try:
+        with progress:
+            bar = progress.add_task(model, total=len(ids), state="starting worker")
+            while True:
+                statuses = [j.status for j in _jobs(ids=ids)]
+                pending = sum(s in ("queued", "running") for s in statuses)
+                progress.update(bar, completed=len(statuses) - pending,
+                                state=f"{statuses.count('running')} running, {statuses.count('failed')} failed")
+                if pending == 0:
+                    break
+                if proc.poll() is not None:
+                    restarts += 1
+                    if restarts > WORKER_RESTARTS:
+                        raise click.ClickException(f"the local worker keeps exiting; see its log: {log_path}")
+                    proc = _start_local_worker(model, batch_size, log_path)
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        click.echo("interrupted: stopping the worker (jobs left queued run next time)", err=True)
+        _stop_worker(proc, timeout_s=10)
+        raise SystemExit(130) from None
+    finally:
+        _stop_worker(proc)
+
+
+# The query `run` shows at the end, over this run's jobs; it runs as is on SQLite and PostgreSQL.
+RESULTS_SQL = (
+    "SELECT j.path, t.language, round(CAST(t.duration_s AS numeric), 1) AS seconds, "
+    "round(CAST(t.real_time_factor AS numeric), 1) AS x_real_time, substr(t.text, 1, 60) AS text "
+    "FROM jobs j JOIN transcripts t ON t.job_id = j.id WHERE j.id IN ({ids}) ORDER BY j.path;"
+)
+
+
+def _sql_hint(url: str, sql: str) -> str:
+    """The shell command that runs `sql` against this database."""
+    if url.startswith("sqlite"):
+        return f"sqlite3 '{url.split(':///', 1)[1]}' \"{sql}\""
+    from models.db import safe_url
+
+    return f"psql '{safe_url(url).replace('+psycopg', '')}' -c \"{sql}\""
+
+
+def _show_results(url: str, jobs: list[RunJob]) -> None:
+    """Print where the results are, the SQL query that shows this run's transcripts, and its result."""
+    from rich.console import Console
+    from rich.table import Table
+    from sqlalchemy import text
+
+    from models.db import safe_url, session_scope
+
+    shown = [j.id for j in jobs[:SHOW_ROWS]]
+    sql = RESULTS_SQL.format(ids=", ".join(map(str, shown)))
+    click.echo(f"results: {safe_url(url)}")
+    if len(jobs) > len(shown):
+        click.echo(f"(the first {len(shown)} of {len(jobs)} files; `archive-asr export --out DIR PATH...` writes them all)")
+    click.echo(f"query:   {_sql_hint(url, sql)}")
+    with session_scope() as session:
+        result = session.execute(text(sql))
+        table = Table()
+        for name in result.keys():
+            table.add_column(name, overflow="fold")  # full paths, wrapped rather than cut
+        for row in result:
+            table.add_row(*("" if v is None else str(v) for v in row))
+    Console().print(table)
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--model", "-m", default=None, help="Whisper model (default: ARCHIVE_ASR_MODEL).")
+@click.option("--language", default=None, help="Language code, or 'auto' to detect per file.")
+@click.option("--batch-size", default=None, help="Windows per batch: 'auto' or a number.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def run(paths: tuple[Path, ...], model: str | None, language: str | None, batch_size: str | None, quiet: bool) -> None:
+    """Enqueue PATHS, transcribe them here with one local worker, and print their results.
+
+    Exits with status 1 when any of their jobs failed, printing each with its reason. An embedded
+    broker that this command started is stopped at the end.
+    """
+    from models.base import utcnow
+    from worker.reconcile import ReconcileThread
+    from worker.reconcile import reconcile as run_reconcile
+
+    settings = get_settings()
+    if batch_size:
+        parse_batch_size(batch_size)
+    try:
+        spec = job_spec(model=model or settings.model, language=language, word_timestamps=True, priority=0)
+    except EnqueueError as e:
+        raise click.ClickException(str(e)) from e
+    began = utcnow()
+    try:
+        address, started_broker = start_broker()  # before the enqueue dispatches to it
+    except ArchiveAsrError as e:
+        raise click.ClickException(str(e)) from e
+    if started_broker:
+        click.echo(f"started the embedded Valkey broker on {address}; this run stops it when it ends", err=True)
+    try:
+        summary = enqueue_paths(paths=[str(p) for p in paths], spec=spec, send=BrokerDispatch(), quiet=quiet)
+        run_reconcile(force=True, grace=0)  # jobs left from an earlier, interrupted run
+        jobs = _jobs(keys=summary.job_keys)
+        ids = [j.id for j in jobs]
+        if any(j.status in ("queued", "running") for j in jobs):
+            log_dir = settings.data_dir / "logs"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            reconciler = ReconcileThread()
+            reconciler.start()
+            try:
+                _drain(spec.model, ids, batch_size, log_dir / "run-worker.log", quiet)
+            finally:
+                reconciler.stop()
+        jobs = _jobs(ids=ids)
+    except ArchiveAsrError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        if started_broker:
+            from worker.broker import stop_embedded
+
+            stop_embedded()
+            click.echo("stopped the embedded broker that this run had started", err=True)
+
+    failed = [j for j in jobs if j.status == "failed"]
+    done = sum(j.status == "done" for j in jobs)
+    click.echo(f"done: {done}, failed: {len(failed)} (the {len(jobs)} file(s) of this run)")
+    for j in failed:
+        earlier = " (failed before this run; `archive-asr retry` re-queues it)" if j.finished_at and j.finished_at < began else ""
+        click.echo(f"  failed: {printable(j.path)}: {(j.error or 'no reason recorded').strip().splitlines()[0]}{earlier}", err=True)
+    if jobs:
+        _show_results(settings.resolved_database_url, jobs)
+    if address is not None and not started_broker:
+        click.echo("(the embedded broker keeps running for the next command: `archive-asr broker stop` stops it)", err=True)
+    if failed:
+        click.get_current_context().exit(1)
