@@ -75,3 +75,24 @@ def test_a_wrong_arrow_breaks_its_contract(tmp_path: Path, modules: dict[str, st
 def test_the_empty_tree_keeps_them(tmp_path: Path):
     result = _lint(_tree(tmp_path, {}))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_enqueue_with_dispatch_never_imports_mlx_or_the_engine(redis_url: str, tmp_path: Path):
+    """What `archive-asr enqueue` loads at run time, dispatching to a real broker: no MLX, no engine."""
+    import redis
+
+    redis_url = redis_url.rsplit("/", 1)[0] + "/11"  # a database number of its own
+    redis.Redis.from_url(redis_url).flushdb()
+    code = (
+        "import sys; from click.testing import CliRunner; from cli import main\n"
+        "r = CliRunner().invoke(main, ['enqueue', sys.argv[1]]); assert r.exit_code == 0, r.output\n"
+        "assert 'dispatched 3 job(s)' in r.output, r.output\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_whisper', 'engine', 'torch')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHIVE_ASR_")}
+    env.update(ARCHIVE_ASR_DATA_DIR=str(tmp_path / "data"), ARCHIVE_ASR_BROKER_URL=redis_url)
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "tests" / "data" / "samples")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    redis.Redis.from_url(redis_url).flushdb()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
