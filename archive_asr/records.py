@@ -57,13 +57,20 @@ class Transcript:
     # What the decoder had to say (a damaged tail, a corrupt middle filled with silence): one line each.
     warnings: tuple[str, ...] = ()
 
-    def to_json(self, path: str | None = None) -> dict:
-        """The shape `archive-asr transcribe --json` prints (one object per file)."""
+    def to_json(self, path: str | None = None, *, job_id: int | None = None, sha256: str | None = None) -> dict:
+        """The one JSON shape of a transcript: `archive-asr transcribe --json` prints it per file,
+        `archive-asr export --format json` per job (with the job's id and content hash)."""
         return {
+            "job_id": job_id,
             "path": path,
+            "sha256": sha256,
             "language": self.language,
             "language_probability": self.language_probability,
             "duration_s": self.duration_s,
+            # Seconds the decoder delivered; short of the file's length, or with warnings: a partial transcript.
+            "decoded_s": self.decoded_s,
+            "warnings": list(self.warnings),
+            "model": self.timing.model,
             "text": self.text,
             "segments": [
                 {
@@ -72,6 +79,8 @@ class Transcript:
                     "text": s.text,
                     "avg_logprob": s.avg_logprob,
                     "no_speech_prob": s.no_speech_prob,
+                    "compression_ratio": s.compression_ratio,
+                    "temperature": s.temperature,
                     "words": [asdict(w) for w in s.words],
                 }
                 for s in self.segments
@@ -79,9 +88,10 @@ class Transcript:
             "timing": {
                 "audio_s": self.timing.audio_s,
                 "wall_s": self.timing.wall_s,
+                "real_time_factor": self.timing.real_time_factor,
                 "batch_size": self.timing.batch_size,
                 "device": self.timing.device,
                 "model": self.timing.model,
-                "real_time_factor": self.timing.real_time_factor,
             },
+            "options": dict(self.options),
         }
