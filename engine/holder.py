@@ -122,6 +122,21 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> tuple[Whisper, ModelDimens
     return model, dims
 
 
+def planned_rows(name: str | None = None, batch_size: int = 0) -> int:
+    """The batch rows a session of this model will have here, without loading its weights (a
+    worker sizes its task pool from it before any job arrives)."""
+    from engine.memory import plan_batch
+
+    folder = resolve_model(name or get_settings().model)
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{folder / CONFIG_FILE}: unreadable ({e})") from e
+    fields = ModelDimensions.__dataclass_fields__
+    dims = ModelDimensions(**{k: int(v) for k, v in config.items() if k in fields})
+    return plan_batch(dims, default_dtype(), batch_size=batch_size).batch_size
+
+
 def get_model(name: str | None = None) -> LoadedModel:
     """The model called ``name`` (default: settings.model), loaded once per process."""
     global _held

@@ -14,9 +14,11 @@ decodes, and scipy's FFT releases the GIL.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -64,10 +66,14 @@ class FileMel:
             self.store = None
 
 
+@functools.lru_cache(maxsize=None)
 def _filters(n_mels: int) -> np.ndarray:
-    from mlx_whisper.audio import mel_filters
+    """mlx_whisper's mel filterbank (n_mels, 201), read with numpy: no MLX in preparing threads
+    (MLX streams belong to the thread that made them)."""
+    import mlx_whisper
 
-    return np.array(mel_filters(n_mels), dtype=np.float32)  # (n_mels, 201)
+    with np.load(Path(mlx_whisper.__file__).parent / "assets" / "mel_filters.npz") as f:
+        return f[f"mel_{n_mels}"].astype(np.float32)
 
 
 _WINDOW = np.hanning(N_FFT + 1)[:-1].astype(np.float32)

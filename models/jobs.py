@@ -7,7 +7,9 @@ and a session; `models.db.session_scope()` commits.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, insert, or_, select, update
@@ -19,6 +21,7 @@ from models.base import utcnow
 from models.tables import File, Job, JobStatus, Segment, Transcript, Word
 
 MAX_ERROR_CHARS = 4000
+MTIME_TOLERANCE_S = 1e-6  # jobs.mtime is float seconds: nanoseconds do not survive the round trip
 
 # Which status may follow which. running -> running is a reclaim after the lease expired;
 # queued -> done is a worker that finished after its lease was taken back (the work is good).
@@ -68,9 +71,20 @@ def claim_job(*, session: Session, job_id: int, worker_host: str, lease_s: float
         heartbeat_at=now,
         started_at=now,
         finished_at=None,
-        attempts=Job.attempts + 1,
     )
     return session.get(Job, job_id) if moved else None
+
+
+def start_attempt(*, session: Session, job_id: int, worker_host: str) -> bool:
+    """Count an attempt when work on a claimed job's file begins (not at the claim: a job that only
+    waited beside a file that killed its worker has not been tried). False: not ours any more."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker_host == worker_host)
+        .values(attempts=Job.attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1
 
 
 def renew_lease(*, session: Session, job_id: int, worker_host: str, lease_s: float) -> bool:
@@ -129,6 +143,8 @@ def _write_transcript(*, session: Session, job_id: int, transcript: records.Tran
             device=timing.device,
             batch_size=timing.batch_size,
             created_at=utcnow(),
+            decoded_s=transcript.decoded_s,
+            warnings="\n".join(" ".join(w.split()) for w in transcript.warnings) or None,  # one line each
         )
         .returning(Transcript.id)
     )
@@ -187,6 +203,46 @@ def fail_job(*, session: Session, job_id: int, error: str, retryable: bool) -> J
         **extra,
     )
     return to if moved else None
+
+
+FILE_CHANGED = "file changed since it was queued"
+FILE_GONE = "file is gone since it was queued (moved or deleted; enqueue its new place)"
+HASH_BLOCK = 1 << 20  # 1 MiB reads, as enqueue hashes
+
+
+def _sha256(path_bytes: bytes) -> str:
+    digest = hashlib.sha256()
+    with open(path_bytes, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_unchanged(*, job: Job) -> str | None:
+    """None when the file at the job's path still holds the content that was queued, else why not.
+
+    The worker calls it right after claiming a job, before decoding, and fails the job with the
+    reason (a permanent failure: `archive-asr enqueue` of the file makes the job for its new
+    content). Size and modification time as queued: unchanged, nothing read. Another size: changed.
+    Same size, another time (touched, copied back): the sha256 decides.
+    """
+    try:
+        st = os.stat(job.path_bytes)
+    except FileNotFoundError:
+        return FILE_GONE
+    except OSError as e:
+        return f"file cannot be read since it was queued ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
+        return FILE_GONE
+    if st.st_size != job.size:
+        return FILE_CHANGED
+    if abs(st.st_mtime_ns / 1e9 - job.mtime) < MTIME_TOLERANCE_S:
+        return None
+    try:
+        same = _sha256(job.path_bytes) == job.sha256
+    except OSError as e:
+        return f"file cannot be read since it was queued ({e.strerror or e})"
+    return None if same else FILE_CHANGED
 
 
 def expired_jobs(*, session: Session, now: datetime | None = None, limit: int | None = None) -> list[Job]:

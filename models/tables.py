@@ -126,8 +126,17 @@ class Transcript(Base):
     device: Mapped[str] = mapped_column(String(200))
     batch_size: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Seconds the decoder delivered, silence standing in for damaged stretches included (None: before 0002).
+    decoded_s: Mapped[float | None] = mapped_column(Float)
+    # What the decoder had to say (truncated file, corrupt middle), one line each; None: nothing. A
+    # transcript with warnings is partial: `status` lists it.
+    warnings: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="transcript")
+
+    @property
+    def warning_lines(self) -> list[str]:
+        return self.warnings.splitlines() if self.warnings else []
     segments: Mapped[list[Segment]] = relationship(
         back_populates="transcript", order_by="Segment.index", passive_deletes=True
     )

@@ -256,6 +256,15 @@ def status(as_json):
             click.echo(f"  [{f.job_id}] {printable(f.path)}: {(f.error or 'no reason recorded').splitlines()[0]}")
         if report.failed_total > len(report.failures):
             click.echo(f"  ... and {report.failed_total - len(report.failures)} more (see --json or the jobs table)")
+    if report.partials:
+        click.echo(f"partial transcripts ({report.partial_total}; what the decoder said):")
+        for p in report.partials:
+            decoded = f"{p.decoded_s:.1f}" if p.decoded_s is not None else "?"
+            stated = f" of {p.stated_s:.1f}" if p.stated_s is not None else ""
+            more = f" (+{len(p.warnings) - 1} more)" if len(p.warnings) > 1 else ""
+            click.echo(f"  [{p.job_id}] {printable(p.path)}: {decoded}{stated} s decoded; {p.warnings[0]}{more}")
+        if report.partial_total > len(report.partials):
+            click.echo(f"  ... and {report.partial_total - len(report.partials)} more (see --json or the transcripts table)")
     if report.total == 0:
         click.echo("nothing queued yet: `archive-asr enqueue /path/to/recordings`")
 

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from models.base import display_path
+from models.search import current_transcripts
 from models.tables import File, Job, JobStatus, Segment, Transcript
 
 FORMATS = ("txt", "srt", "vtt", "json", "tsv")
@@ -31,11 +32,14 @@ def resolve_jobs(*, session: Session, refs: tuple[str, ...], status: JobStatus |
     """Jobs named by id, by file path (any path holding the content), or by folder (everything under it).
 
     With no refs: every job in `status`. With latest_per_file, a file named on its own that has
-    jobs for several models gives only the most recently finished one.
+    jobs for several models gives only the most recently finished one, and paths and folders give
+    only current transcripts (one per file: its content's newest; see models.search).
     """
     stmt = select(Job).order_by(Job.path, Job.id)
     if status is not None:
         stmt = stmt.where(Job.status == status)
+    if latest_per_file:
+        stmt = stmt.where(Job.id.in_(select(current_transcripts().subquery().c.job_id)))
     if not refs:
         return list(session.scalars(stmt))
     jobs: dict[int, Job] = {}
@@ -81,7 +85,9 @@ def _clock(seconds: float, sep: str) -> str:
 
 
 def to_txt(t: Transcript) -> str:
-    return "".join(seg.text.strip() + "\n" for seg in t.segments)
+    """One line per segment; a partial transcript starts with the decoder's warnings as `# ` lines."""
+    header = "".join(f"# {w}\n" for w in t.warning_lines)
+    return header + ("\n" if header else "") + "".join(seg.text.strip() + "\n" for seg in t.segments)
 
 
 def to_srt(t: Transcript) -> str:
@@ -97,7 +103,8 @@ def to_vtt(t: Transcript) -> str:
         f"{_clock(seg.start_s, '.')} --> {_clock(seg.end_s, '.')}\n{seg.text.strip().replace('-->', '->')}\n"
         for seg in t.segments
     ]
-    return "WEBVTT\n\n" + "\n".join(blocks)
+    notes = "".join(f"NOTE {w.replace('-->', '->')}\n\n" for w in t.warning_lines)  # a partial transcript says why
+    return "WEBVTT\n\n" + notes + "\n".join(blocks)
 
 
 def to_tsv(t: Transcript) -> str:
@@ -118,6 +125,8 @@ def to_dict(t: Transcript) -> dict:
         "language": t.language,
         "language_probability": t.language_probability,
         "duration_s": t.duration_s,
+        "decoded_s": t.decoded_s,  # seconds the decoder delivered; short of the file's length or
+        "warnings": t.warning_lines,  # with warnings: a partial transcript
         "model": t.model,
         "text": t.text,
         "segments": [

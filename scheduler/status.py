@@ -16,10 +16,12 @@ from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
+from models.search import current_transcripts
 from models.tables import Job, JobStatus, Transcript
 
 WINDOW_S = 3600  # throughput is measured over the last hour
 MAX_FAILURES = 50
+MAX_PARTIALS = 50
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,17 @@ class Failure:
     error: str | None
 
 
+@dataclass(frozen=True)
+class Partial:
+    """A finished transcript of less than the whole recording (or with a gap): what the decoder said."""
+
+    job_id: int
+    path: str
+    decoded_s: float | None  # seconds decoded (silence standing in for damage included)
+    stated_s: float | None  # the header's duration, read at enqueue
+    warnings: list[str]
+
+
 @dataclass
 class Report:
     counts: dict[str, int]
@@ -57,6 +70,8 @@ class Report:
     failures: list[Failure] = field(default_factory=list)
     failed_total: int = 0
     workers: list[WorkerRow] = field(default_factory=list)
+    partials: list[Partial] = field(default_factory=list)  # current transcripts with decoder warnings
+    partial_total: int = 0
 
     @property
     def total(self) -> int:
@@ -144,6 +159,19 @@ def build_report(*, session: Session) -> Report:
         )
     ]
 
+    # Partial transcripts: the current transcript of a file (an old one, superseded by a new
+    # transcript of the fixed file, no longer counts) with something the decoder had to say.
+    current = current_transcripts().subquery()
+    partial = (Transcript.warnings.is_not(None), Transcript.id.in_(select(current.c.transcript_id)))
+    partial_total = session.scalar(select(func.count()).select_from(Transcript).where(*partial)) or 0
+    partials = [
+        Partial(job_id=job.id, path=job.path, decoded_s=t.decoded_s, stated_s=job.duration_s, warnings=t.warning_lines)
+        for t, job in session.execute(
+            select(Transcript, Job).join(Job, Job.id == Transcript.job_id).where(*partial)
+            .order_by(Transcript.created_at.desc(), Transcript.id.desc()).limit(MAX_PARTIALS)
+        )
+    ]
+
     workers = []
     recent = (Job.status == JobStatus.DONE) & (Job.finished_at >= since)
     rows = session.execute(
@@ -185,4 +213,6 @@ def build_report(*, session: Session) -> Report:
         failures=failures,
         failed_total=counts["failed"],
         workers=workers,
+        partials=partials,
+        partial_total=int(partial_total),
     )

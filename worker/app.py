@@ -78,5 +78,5 @@ def _config() -> dict:
     }
 
 
-app = Celery("archive_asr", include=["worker.tasks"])
+app = Celery("archive_asr", include=["worker.tasks", "worker.lifecycle"])
 app.add_defaults(_config)

@@ -13,6 +13,7 @@ import click
 from archive_asr.errors import ArchiveAsrError, ConfigError
 from archive_asr.settings import get_settings
 from worker.cli_options import parse_batch_size
+from worker.config import PREFETCH_JOBS
 
 
 def _fail(e: Exception) -> click.ClickException:
@@ -20,19 +21,21 @@ def _fail(e: Exception) -> click.ClickException:
 
 
 def worker_argv(*, model: str, concurrency: int, loglevel: str) -> list[str]:
-    """The `celery worker` arguments for this platform: one queue (one model), events on."""
+    """The `celery worker` arguments: one queue (one model), events on, tasks in threads.
+
+    One process holds one model and one engine session; its task threads (as many as the batch
+    has rows, plus a prefetch) each wait for their own file while the session decodes them all
+    together. Threads, never forks: MLX/Metal is not fork-safe, and rows share one device.
+    """
     from worker.app import queue_for_model
 
     queue = queue_for_model(model)
-    # MLX/Metal is not fork-safe: on macOS (and for one slot anywhere) the task runs in a thread
-    # of this process, which keeps the main thread free to talk to the broker while MLX works.
-    pool = "threads" if concurrency == 1 or sys.platform == "darwin" else "prefork"
     return [
         "worker",
         "-Q", queue,
         "-n", f"{queue.removeprefix('asr.')}-{os.getpid()}@%h",
         "-E",
-        f"--pool={pool}",
+        "--pool=threads",
         f"--concurrency={concurrency}",
         f"--loglevel={loglevel}",
         "--without-gossip",
@@ -59,30 +62,29 @@ def _wait_for_database() -> None:
 
 @click.command()
 @click.option("--model", "-m", default=None, help="Whisper model this worker serves (default: ARCHIVE_ASR_MODEL).")
-@click.option("--batch-size", default=None, help="Windows per batch: 'auto' (from device memory) or a number.")
-@click.option("--concurrency", "-c", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Jobs at once; above 1 forks one process per slot (Linux only), each with its own model.")
+@click.option("--batch-size", default=None, help="Batch rows (files decoded together): 'auto' (from device memory) or a number.")
+@click.option("--prefetch", type=click.IntRange(0, 64), default=PREFETCH_JOBS, show_default=True,
+              help="Jobs held beyond the batch rows, decoded from disk while the rows run.")
 @click.option("--loglevel", "-l", default=None, help="Log level (default: ARCHIVE_ASR_LOG_LEVEL).")
 @click.option("--reconcile/--no-reconcile", default=True, show_default=True,
               help="Also run the periodic reconciler (one per fleet acts at a time).")
-def worker(model: str | None, batch_size: str | None, concurrency: int, loglevel: str | None, reconcile: bool) -> None:
-    """Start a worker that transcribes one model's jobs from the queue."""
+def worker(model: str | None, batch_size: str | None, prefetch: int, loglevel: str | None, reconcile: bool) -> None:
+    """Start a worker that transcribes one model's jobs from the queue, many files at once."""
     settings = get_settings()
     model = model or settings.model
-    if concurrency > 1 and sys.platform == "darwin":
-        raise click.ClickException(
-            "MLX/Metal is not fork-safe: on macOS run one job per process; start another `archive-asr worker` instead"
-        )
     batch = parse_batch_size(batch_size) if batch_size is not None else settings.batch_size
     try:
         _wait_for_database()
+        import engine  # noqa: F401  (OpenBLAS before MLX)
+        from engine.holder import planned_rows
+        from worker import config
         from worker.app import app
 
-        app.conf.archive_asr_batch_size = batch
-        app.conf.archive_asr_reconcile = reconcile
+        rows = planned_rows(model, batch)
+        config.configure(batch_size=rows, reconcile=reconcile)
     except ArchiveAsrError as e:
         raise _fail(e) from e
-    app.worker_main(worker_argv(model=model, concurrency=concurrency, loglevel=loglevel or settings.log_level))
+    app.worker_main(worker_argv(model=model, concurrency=rows + prefetch, loglevel=loglevel or settings.log_level))
 
 
 @click.command()

@@ -37,7 +37,7 @@ from archive_asr.errors import ArchiveAsrError
 from archive_asr.settings import get_settings
 from worker.app import PRIORITY_STEPS, queue_for_model
 from worker.dispatch import MARKERS_KEY, dispatch_jobs
-from worker.tasks import REQUEUE_BACKOFF_S
+from worker.config import REQUEUE_BACKOFF_S
 
 log = logging.getLogger(__name__)
 

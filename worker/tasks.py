@@ -1,15 +1,16 @@
-"""The transcription task: take a job id, check the world, do the work, write the result.
+"""The transcription task: one message, one job, one Flower task with its own outcome.
 
 "Asserting the world is the responsibility of the task": a message only says "look at job N".
 The task claims the job atomically in the database (queued -> running, or running with an expired
 lease); a duplicate or redelivered message for a job that is done or held elsewhere claims nothing
-and returns. While the engine runs, a thread renews the job's lease every lease_s / 3; if this
-process dies, the lease runs out and the reconciler hands the job to another worker.
+and returns. It then checks that the file is still the content that was queued, submits it to
+the process's engine session (worker.engine_host) and waits for that file alone, while the other
+task threads of the worker keep the session's batch rows full. The job is written to the database
+the moment its file finishes. A job's attempt is counted when work on its file begins, not while
+it only waits beside others; a job on its second attempt or later is decoded alone, so a file that
+kills its batch is found and fails by itself.
 
-Cross-file batching: a worker that claims a short job also claims further queued short jobs of the
-same model and options (up to BATCH_MAX_FILES files / BATCH_MAX_AUDIO_S seconds) and transcribes
-them together; each still gets its own transcript, status and failure. Their own messages, still
-in the queue, become no-ops when they arrive.
+A job that fails ends its Celery task in FAILURE, with the reason (Flower shows it red).
 """
 
 from __future__ import annotations
@@ -17,29 +18,27 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from celery import signals
-from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from archive_asr.errors import DatabaseUnavailable, PermanentError, RetryableError
 from archive_asr.settings import get_settings
-from worker.app import TASK_NAME, app, queue_for_model
+from worker import config, engine_host
+from worker.app import TASK_NAME, app
 
 log = logging.getLogger(__name__)
 
-SHORT_JOB_S = 60.0  # files up to this long are batched with others (a few 30 s windows at most)
-BATCH_MAX_FILES = 16
-BATCH_MAX_AUDIO_S = 300.0
 DB_RETRY_DELAYS_S = (1, 2, 4, 8, 15, 30)  # backoff while the database does not answer, then give up
-REQUEUE_BACKOFF_S = (5, 30, 120)  # countdown before a transient failure's next attempt, by attempt
 
 T = TypeVar("T")
+
+
+class JobFailed(Exception):
+    """Raised when a job's file could not be transcribed: ends the Celery task in FAILURE."""
 
 
 @dataclass(frozen=True)
@@ -51,11 +50,11 @@ class ClaimedJob:
     model: str
     language: str | None
     word_timestamps: bool
-    attempts: int  # this claim included
+    attempts: int  # attempts begun before this claim
 
 
 def worker_identity(hostname: str | None) -> str:
-    """Who holds a lease: the Celery node name plus the process id (unique even for prefork children)."""
+    """Who holds a lease: the Celery node name plus the process id."""
     return f"{hostname or socket.gethostname()}:{os.getpid()}"
 
 
@@ -78,133 +77,38 @@ def with_db_retry(what: str, fn: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-# --- claiming --------------------------------------------------------------------------------------
-
-
-def _claim(session, job_id: int, holder: str, lease_s: float) -> ClaimedJob | None:
-    from models.jobs import claim_job
-
-    job = claim_job(session=session, job_id=job_id, worker_host=holder, lease_s=lease_s)
-    if job is None:
-        return None
-    return ClaimedJob(
-        job_id=job.id,
-        path=job.fs_path,
-        display_path=job.path,
-        duration_s=job.duration_s,
-        model=job.model,
-        language=job.language,
-        word_timestamps=job.word_timestamps,
-        attempts=job.attempts,
-    )
-
-
-def claim_batch(job_ids: list[int], holder: str, lease_s: float) -> list[ClaimedJob]:
-    """Claim the message's jobs, then (if they are short) more queued short jobs like them."""
+def claim(job_id: int, holder: str, lease_s: float) -> tuple[ClaimedJob | None, str | None]:
+    """(the claimed job or None, why its file can't be used or None)."""
     from models.db import session_scope
-    from models.tables import Job, JobStatus
+    from models.jobs import check_unchanged, claim_job
 
-    claimed: list[ClaimedJob] = []
     with session_scope() as session:
-        for job_id in job_ids:
-            job = _claim(session, job_id, holder, lease_s)
-            if job:
-                claimed.append(job)
-    if not claimed or not all(_is_short(j) for j in claimed):
-        return claimed
-    first = claimed[0]
-    budget_s = BATCH_MAX_AUDIO_S - sum(j.duration_s or 0 for j in claimed)
-    short_queued = [
-        Job.status == JobStatus.QUEUED,
-        Job.model == first.model,
-        (Job.language == first.language) if first.language else Job.language.is_(None),
-        Job.word_timestamps == first.word_timestamps,
-        Job.duration_s.is_not(None),
-        Job.duration_s <= min(SHORT_JOB_S, budget_s),
-    ]
-    with session_scope() as session:
-        waiting = session.scalar(select(func.count()).select_from(Job).where(*short_queued)) or 0
-    # Fair share: with k workers on this queue, take about 1/k of what waits, so a burst of short
-    # files is spread over the fleet instead of landing on whichever worker woke first.
-    share = -(-(waiting + len(claimed)) // live_workers(queue_for_model(first.model)))
-    room = min(BATCH_MAX_FILES, share) - len(claimed)
-    if room <= 0 or budget_s <= 0:
-        return claimed
-    with session_scope() as session:
-        candidates = session.execute(
-            select(Job.id, Job.duration_s)
-            .where(*short_queued)
-            .order_by(Job.priority.desc(), Job.created_at, Job.id)
-            .limit(room * 2)
-        ).all()
-    for job_id, job_duration_s in candidates:
-        if room <= 0:
-            break
-        if job_duration_s > budget_s:
-            continue
-        with session_scope() as session:  # one short transaction per claim: SQLite writers queue up
-            job = _claim(session, job_id, holder, lease_s)
-        if job:
-            claimed.append(job)
-            budget_s -= job_duration_s
-            room -= 1
-    return claimed
+        job = claim_job(session=session, job_id=job_id, worker_host=holder, lease_s=lease_s)
+        if job is None:
+            return None, None
+        claimed = ClaimedJob(
+            job_id=job.id,
+            path=job.fs_path,
+            display_path=job.path,
+            duration_s=job.duration_s,
+            model=job.model,
+            language=job.language,
+            word_timestamps=job.word_timestamps,
+            attempts=job.attempts,
+        )
+        return claimed, check_unchanged(job=job)
 
 
-def _is_short(job: ClaimedJob) -> bool:
-    return job.duration_s is not None and job.duration_s <= SHORT_JOB_S
-
-
-# --- the lease -------------------------------------------------------------------------------------
-
-
-class LeaseKeeper(threading.Thread):
-    """Renews the leases of the jobs this task holds every lease_s / 3 until stopped."""
-
-    def __init__(self, job_ids: list[int], holder: str, lease_s: float):
-        super().__init__(name="lease-keeper", daemon=True)
-        self.job_ids = list(job_ids)
-        self.holder = holder
-        self.lease_s = lease_s
-        self.lost: set[int] = set()
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        from models.db import session_scope
-        from models.jobs import renew_lease
-
-        while not self._stop_event.wait(self.lease_s / 3):
-            try:
-                with session_scope() as session:
-                    for job_id in list(self.job_ids):  # the task releases finished jobs meanwhile
-                        if job_id not in self.lost and not renew_lease(
-                            session=session, job_id=job_id, worker_host=self.holder, lease_s=self.lease_s
-                        ):
-                            self.lost.add(job_id)
-                            log.warning("job %s: lease lost (taken back by the reconciler)", job_id)
-            except Exception as e:  # keep trying: the lease has lease_s of slack
-                log.warning("could not renew leases of jobs %s: %s", self.job_ids, str(e).splitlines()[0])
-
-    def release(self, job_id: int) -> None:
-        if job_id in self.job_ids:
-            self.job_ids.remove(job_id)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-
-# --- results ---------------------------------------------------------------------------------------
-
-
-def _finish(job_id: int, transcript) -> bool:
+def _start_attempt(job_id: int, holder: str) -> None:
     from models.db import session_scope
-    from models.jobs import finish_job
+    from models.jobs import start_attempt
 
-    def write() -> bool:
-        with session_scope() as session:
-            return finish_job(session=session, job_id=job_id, transcript=transcript)
+    with_db_retry(f"starting job {job_id}", lambda: _in_session(session_scope, start_attempt, job_id, holder))
 
-    return with_db_retry(f"saving job {job_id}", write)
+
+def _in_session(scope, fn, job_id: int, holder: str):
+    with scope() as session:
+        return fn(session=session, job_id=job_id, worker_host=holder)
 
 
 def _fail(job_id: int, error: str, *, retryable: bool) -> str | None:
@@ -219,225 +123,115 @@ def _fail(job_id: int, error: str, *, retryable: bool) -> str | None:
     return status.value if status is not None else None
 
 
-def _transcribe(jobs: list[ClaimedJob], batch_size: int) -> Iterator[tuple[ClaimedJob, object]]:
-    """Yield (job, Transcript or the exception it raised) for each job, batching short ones."""
-    import engine  # noqa: F401  (OpenBLAS before MLX; loaded here, never at import)
-    from engine import transcribe as engine_transcribe
-    from engine.options import EngineOptions
-
-    first = jobs[0]
-    if len(jobs) > 1:
-        # One bad file yields its error in its own slot; the others are transcribed together.
-        options = EngineOptions(language=first.language, word_timestamps=first.word_timestamps, batch_size=batch_size)
-        try:
-            results = engine_transcribe.transcribe_many(
-                [j.path for j in jobs], model_name=first.model, options=options, return_exceptions=True
-            )
-        except PermanentError:
-            results = None  # e.g. a file that decodes but can't be prepared: isolate it below
-        if results is not None:
-            yield from zip(jobs, results)
-            return
-    for job in jobs:
-        options = EngineOptions(language=job.language, word_timestamps=job.word_timestamps, batch_size=batch_size)
-        try:
-            yield job, engine_transcribe.transcribe_file(job.path, model_name=job.model, options=options)
-        except Exception as e:  # recorded on the job by the caller, by kind
-            yield job, e
-
-
-def _release_memory() -> None:
-    """Hand MLX's cached buffers back between tasks (a long file's peak shouldn't stay reserved)."""
-    try:
-        from engine.transcribe import clear_cache
-
-        clear_cache()
-    except Exception as e:  # never fail a finished task over cache housekeeping
-        log.debug("could not clear the MLX cache: %s", e)
-
-
 def _reason(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
-    return text if isinstance(e, PermanentError) else f"{type(e).__name__}: {text}"
+    return text if isinstance(e, (PermanentError, RetryableError)) else f"{type(e).__name__}: {text}"
 
 
-# --- the task --------------------------------------------------------------------------------------
+def _requeue(job_id: int, attempts: int) -> None:
+    from worker.dispatch import dispatch_jobs
+
+    backoff = config.REQUEUE_BACKOFF_S
+    try:  # back off: 5 s after a first failure, then 30 s, then 2 minutes
+        dispatch_jobs([job_id], countdown=backoff[min(max(attempts, 1), len(backoff)) - 1])
+    except RetryableError as e:  # the reconciler will send it once the broker is back
+        log.warning("could not re-dispatch job %s: %s", job_id, e)
+
+
+def _engine_options(job: ClaimedJob):
+    from engine.options import EngineOptions
+
+    return EngineOptions(language=job.language, word_timestamps=job.word_timestamps)
 
 
 @app.task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def transcribe(self, job_ids: list[int], path: str = "", duration_s: float | None = None, model: str = "") -> dict:
-    """Transcribe the job(s) in this message; path/duration_s/model are only for Flower."""
-    from worker.dispatch import dispatch_jobs, forget
+    """Transcribe the job in this message; path/duration_s/model are only there for Flower."""
+    from worker.dispatch import forget
 
     settings = get_settings()
     holder = worker_identity(self.request.hostname)
     started = time.monotonic()
-    # The message is in our hands now: drop its markers, so that if this process dies the
+    # The message is in our hands now: drop its marker, so that if this process dies the
     # reconciler re-dispatches the job once its lease runs out (see worker.reconcile).
     try:
         forget(job_ids)
     except Exception as e:
         log.warning("could not clear dispatch markers of %s: %s", job_ids, e)
+    reports = [_run_job(job_id, holder, settings.lease_s) for job_id in job_ids]
+    failed = [r for r in reports if r.get("status") in ("failed", "queued")]
+    if failed:
+        raise JobFailed("; ".join(f"{r['file']}: {r['error']} (job {r['job_id']} {r['status']})" for r in failed))
+    report = reports[0] if len(reports) == 1 else {"jobs": reports}
+    report["wall_s"] = round(time.monotonic() - started, 2)
+    return report
 
+
+def _run_job(job_id: int, holder: str, lease_s: float) -> dict:
+    """Claim, check, transcribe and save one job; a short report with its summary first."""
     try:
-        claimed = with_db_retry("claiming", lambda: claim_batch(list(job_ids), holder, settings.lease_s))
+        job, problem = with_db_retry("claiming", lambda: claim(job_id, holder, lease_s))
     except Exception as e:
         if not _db_down(e):
             raise
         # Still queued, no marker: the reconciler sends it again once the database is back.
-        log.error("gave up claiming jobs %s, database unavailable: %s", job_ids, str(e).splitlines()[0])
-        return {"claimed": [], "skipped": list(job_ids), "reason": "database unavailable"}
-    if not claimed:
-        return {"claimed": [], "skipped": list(job_ids), "reason": "already done or held by another worker"}
+        log.error("gave up claiming job %s, database unavailable: %s", job_id, str(e).splitlines()[0])
+        return {"job_id": job_id, "status": "skipped", "reason": "database unavailable"}
+    if job is None:
+        return {"job_id": job_id, "status": "skipped", "reason": "already done or held by another worker"}
+    if problem is not None:
+        status = _fail(job.job_id, problem, retryable=False)
+        return {"file": job.display_path, "status": status or "failed", "error": problem, "job_id": job.job_id}
 
-    keeper = LeaseKeeper([j.job_id for j in claimed], holder, settings.lease_s)
-    keeper.start()
-    report: list[dict] = []
-    timings = []
-    requeue: list[int] = []
+    keeper = engine_host.lease_keeper(holder, lease_s)
+    keeper.hold(job.job_id)
     try:
-        for job, result in _transcribe(claimed, app.conf.get("archive_asr_batch_size", settings.batch_size)):
-            if isinstance(result, BaseException):
-                retryable = not isinstance(result, PermanentError)
-                status = _fail(job.job_id, _reason(result), retryable=retryable)
-                if status == "queued":
-                    requeue.append(job.job_id)
-                if not isinstance(result, (PermanentError, RetryableError)):
-                    log.error("job %s (%s) failed", job.job_id, job.display_path, exc_info=result)
-                report.append({"job_id": job.job_id, "path": job.display_path, "status": status, "error": _reason(result)})
-            else:
-                saved = _finish(job.job_id, result)
-                t = result.timing
-                timings.append(t)
-                report.append({
-                    "job_id": job.job_id,
-                    "path": job.display_path,
-                    "status": "done" if saved else "superseded",
-                    "audio_s": round(t.audio_s, 2),
-                    "wall_s": round(t.wall_s, 2),
-                    "real_time_factor": round(t.real_time_factor, 1),
-                })
-            keeper.release(job.job_id)
-    except BaseException as e:
-        # Something beyond one file (the model would not load, out of memory): every job not yet
-        # recorded goes back to the queue, or fails at the attempt cap, with the reason.
-        done = {r["job_id"] for r in report}
-        for job in claimed:
-            if job.job_id not in done and _fail(job.job_id, _reason(e), retryable=not isinstance(e, PermanentError)) == "queued":
-                requeue.append(job.job_id)
-        raise
-    finally:
-        keeper.stop()
-        _release_memory()
-        if requeue:
-            attempts = max(j.attempts for j in claimed if j.job_id in requeue)
-            try:  # back off: 5 s after a first failure, then 30 s, then 2 minutes
-                dispatch_jobs(requeue, countdown=REQUEUE_BACKOFF_S[min(attempts, len(REQUEUE_BACKOFF_S)) - 1])
-            except RetryableError as e:  # the reconciler will send them once the broker is back
-                log.warning("could not re-dispatch jobs %s: %s", requeue, e)
-
-    wall_s = time.monotonic() - started
-    audio_s = sum(t.audio_s for t in timings)
-    return {
-        "jobs": report,
-        "files": len(claimed),
-        "audio_s": round(audio_s, 2),
-        "wall_s": round(wall_s, 2),
-        "engine_s": round(sum(t.wall_s for t in timings), 2),  # wall_s less claiming, model loading, saving
-        "real_time_factor": round(audio_s / wall_s, 1) if wall_s > 0 else 0.0,
-        "batch_size": max((t.batch_size for t in timings), default=0),
-        "device": timings[0].device if timings else None,
-        "model": claimed[0].model,
-        "worker": holder,
-    }
-
-
-# --- worker life cycle -----------------------------------------------------------------------------
-
-PRESENCE_KEY = "archive-asr:workers:{queue}"  # sorted set: worker -> last sign of life (unix time)
-PRESENCE_EVERY_S = 5.0
-
-
-def live_workers(queue: str) -> int:
-    """How many workers consume `queue` now (at least 1: the one asking)."""
-    from worker.broker import client
-
-    try:
-        n = client().zcount(PRESENCE_KEY.format(queue=queue), time.time() - 3 * PRESENCE_EVERY_S, "+inf")
-    except Exception:  # the broker blinked: claim as if alone, the batch cap still holds
-        return 1
-    return max(1, int(n))
-
-
-class Presence(threading.Thread):
-    """Tells the fleet this worker is alive and which queues it serves (for fair batch shares)."""
-
-    def __init__(self, queues: list[str], name: str):
-        super().__init__(name="presence", daemon=True)
-        self.queues = queues
-        self.member = name
-        self._stop_event = threading.Event()
-
-    def beat(self) -> None:
-        from worker.broker import client
-
-        r = client()
-        now = time.time()
-        with r.pipeline() as pipe:
-            for queue in self.queues:
-                key = PRESENCE_KEY.format(queue=queue)
-                pipe.zadd(key, {self.member: now})
-                pipe.zremrangebyscore(key, "-inf", now - 3 * PRESENCE_EVERY_S)
-            pipe.execute()
-
-    def run(self) -> None:
-        while True:
-            try:
-                self.beat()
-            except Exception as e:
-                log.debug("presence beat failed: %s", e)
-            if self._stop_event.wait(PRESENCE_EVERY_S):
-                break
+        session = engine_host.session(job.model, config.current().batch_size)
+        future = session.submit(
+            job.path,
+            options=_engine_options(job),
+            key=job.job_id,
+            solo=job.attempts >= 1,
+            on_start=lambda: _start_attempt(job.job_id, holder),
+        )
         try:
-            from worker.broker import client
-
-            r = client()
-            for queue in self.queues:
-                r.zrem(PRESENCE_KEY.format(queue=queue), self.member)
-        except Exception:
-            pass
-
-    def stop(self) -> None:
-        self._stop_event.set()
+            transcript = future.result()
+        except Exception as e:
+            return _record_failure(job, e)
+        return _save(job, holder, transcript)
+    except Exception as e:  # the model would not load, the database went away: the job's own failure
+        return _record_failure(job, e)
+    finally:
+        keeper.release(job.job_id)
 
 
-_threads: list = []
+def _record_failure(job: ClaimedJob, e: BaseException) -> dict:
+    retryable = not isinstance(e, PermanentError)
+    reason = _reason(e)
+    status = _fail(job.job_id, reason, retryable=retryable)
+    if not isinstance(e, (PermanentError, RetryableError)):
+        log.error("job %s failed", job.job_id, exc_info=e)
+    else:
+        log.warning("job %s failed: %s", job.job_id, reason)
+    if status == "queued":
+        _requeue(job.job_id, job.attempts + 1)
+    return {"file": job.display_path, "status": status or "failed", "error": reason, "job_id": job.job_id}
 
 
-@signals.worker_ready.connect
-def _start_background(sender=None, **_kwargs) -> None:
-    """Start the presence beat and (unless disabled) the periodic reconciler in this worker.
+def _save(job: ClaimedJob, holder: str, transcript) -> dict:
+    from worker.saving import save_transcript
 
-    Every worker runs the reconciler; a Redis lock lets one of the fleet act per interval.
-    """
-    try:
-        queues = [q.name for q in sender.task_consumer.queues]
-    except AttributeError:
-        queues = [app.conf.task_default_queue]
-    presence = Presence(queues, worker_identity(getattr(sender, "hostname", None)))
-    presence.start()
-    _threads.append(presence)
-    if app.conf.get("archive_asr_reconcile", True):
-        from worker.reconcile import ReconcileThread
-
-        reconciler = ReconcileThread()
-        reconciler.start()
-        _threads.append(reconciler)
-
-
-@signals.worker_shutdown.connect
-def _stop_background(sender=None, **_kwargs) -> None:
-    for thread in _threads:
-        thread.stop()
-    for thread in _threads:
-        thread.join(timeout=2)
+    saved = save_transcript(job_id=job.job_id, holder=holder, transcript=transcript)
+    t = transcript.timing
+    return {
+        "file": job.display_path,
+        "status": "done" if saved else "superseded",
+        "audio_s": round(t.audio_s, 2),
+        "x_real_time": round(t.real_time_factor, 1),
+        "words": sum(len(s.words) for s in transcript.segments),
+        "language": transcript.language,
+        "warnings": list(transcript.warnings),
+        "job_id": job.job_id,
+        "device": t.device,
+        "batch_size": t.batch_size,
+    }

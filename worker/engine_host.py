@@ -1,0 +1,147 @@
+"""The engine session of this worker process, the thread that drives it, and the leases of the
+jobs it holds.
+
+A worker process holds one model and one engine.session.Session. Celery runs the tasks in threads
+(as many as the batch has rows, plus a small prefetch); each task claims its job, submits the
+file here and waits for its own Future, so the session always has files to refill its rows with.
+One driver thread runs the session's rounds. One lease keeper renews every in-flight job's lease
+in a single transaction, so a killed worker's jobs all come back through the reconciler.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_session = None
+_driver: threading.Thread | None = None
+_stop = threading.Event()
+
+
+def session(model: str, batch_size: int):
+    """This process's session for ``model``, started on first use (the model loads then, never
+    at import or in a fork hook). A job of another model waits until the current session is idle,
+    then the model is swapped (a process never holds two)."""
+    global _session, _driver
+    with _lock:
+        if _session is not None and _session.loaded.name != model:
+            while _session.busy():
+                _session.wait_for_work(timeout_s=1.0)
+            stop_session()
+        if _session is None:
+            ready: dict = {}
+            started = threading.Event()
+            _stop.clear()
+            _driver = threading.Thread(
+                target=_drive, args=(model, batch_size, ready, started), name="engine-driver", daemon=True
+            )
+            _driver.start()
+            started.wait()
+            if "error" in ready:
+                _driver = None
+                raise ready["error"]
+            _session = ready["session"]
+            log.info("engine session: model %s, %d rows, %s", model, _session.batch_size, _session.device)
+        return _session
+
+
+def _drive(model: str, batch_size: int, ready: dict, started: threading.Event) -> None:
+    """The driver thread: builds the session (MLX streams belong to the thread that makes them,
+    so the model is loaded here) and runs its rounds until stopped."""
+    try:
+        import engine  # noqa: F401  (OpenBLAS before MLX)
+        from engine.session import SPLIT_GRACE_S, Session
+
+        s = Session(model, batch_size=batch_size)
+        s.split_grace_s = SPLIT_GRACE_S  # the next jobs may be on their way
+    except BaseException as e:
+        ready["error"] = e
+        started.set()
+        return
+    ready["session"] = s
+    started.set()
+    s.serve(_stop)
+
+
+def stop_session() -> None:
+    global _session, _driver
+    if _session is None:
+        return
+    _stop.set()
+    if _driver is not None:
+        _driver.join(timeout=30)
+    _session.close()
+    _session, _driver = None, None
+
+
+def rows() -> int:
+    """The batch rows of the running session (0 before the first job)."""
+    return _session.batch_size if _session is not None else 0
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the leases of every job this process holds, every lease_s / 3, in one transaction."""
+
+    def __init__(self, holder: str, lease_s: float):
+        super().__init__(name="lease-keeper", daemon=True)
+        self.holder = holder
+        self.lease_s = lease_s
+        self._jobs: set[int] = set()
+        self.lost: set[int] = set()
+        self._guard = threading.Lock()
+        self._stop_event = threading.Event()
+
+    def hold(self, job_id: int) -> None:
+        with self._guard:
+            self._jobs.add(job_id)
+            self.lost.discard(job_id)
+
+    def release(self, job_id: int) -> None:
+        with self._guard:
+            self._jobs.discard(job_id)
+
+    def run(self) -> None:
+        from models.db import session_scope
+        from models.jobs import renew_lease
+
+        while not self._stop_event.wait(self.lease_s / 3):
+            with self._guard:
+                held = sorted(self._jobs - self.lost)
+            if not held:
+                continue
+            try:
+                with session_scope() as s:
+                    for job_id in held:
+                        if not renew_lease(session=s, job_id=job_id, worker_host=self.holder, lease_s=self.lease_s):
+                            self.lost.add(job_id)
+                            log.warning("job %s: lease lost (taken back by the reconciler)", job_id)
+            except Exception as e:  # keep trying: the lease has lease_s of slack
+                log.warning("could not renew the leases of %d job(s): %s", len(held), str(e).splitlines()[0])
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+_keeper: LeaseKeeper | None = None
+
+
+def lease_keeper(holder: str, lease_s: float) -> LeaseKeeper:
+    """The process's lease keeper (one per worker process; ``holder`` names this process)."""
+    global _keeper
+    with _lock:
+        if _keeper is None or _keeper.holder != holder:
+            if _keeper is not None:
+                _keeper.stop()
+            _keeper = LeaseKeeper(holder, lease_s)
+            _keeper.start()
+        return _keeper
+
+
+def stop_keeper() -> None:
+    global _keeper
+    if _keeper is not None:
+        _keeper.stop()
+        _keeper = None

@@ -1,0 +1,45 @@
+"""What a worker process starts beside its tasks, and stops when it shuts down: the periodic
+reconciler (unless disabled), saving transcripts a dead predecessor spooled, and the engine
+session with its lease keeper."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import signals
+
+from worker import config, engine_host
+
+log = logging.getLogger(__name__)
+
+_threads: list = []
+
+
+@signals.worker_ready.connect
+def _start_background(sender=None, **_kwargs) -> None:
+    """Every worker runs the reconciler; a Redis lock lets one of the fleet act per interval."""
+    from worker.saving import flush_spool
+    from worker.tasks import worker_identity
+
+    try:
+        saved = flush_spool(worker_identity(getattr(sender, "hostname", None)))
+        if saved:
+            log.info("saved %d spooled transcript(s)", saved)
+    except Exception as e:  # the database may be away: the spool waits for the next start
+        log.warning("could not save spooled transcripts yet: %s", str(e).splitlines()[0])
+    if config.current().reconcile:
+        from worker.reconcile import ReconcileThread
+
+        reconciler = ReconcileThread()
+        reconciler.start()
+        _threads.append(reconciler)
+
+
+@signals.worker_shutdown.connect
+def _stop_background(sender=None, **_kwargs) -> None:
+    for thread in _threads:
+        thread.stop()
+    for thread in _threads:
+        thread.join(timeout=2)
+    engine_host.stop_keeper()
+    engine_host.stop_session()
