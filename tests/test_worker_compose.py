@@ -34,7 +34,9 @@ def test_services_and_their_wiring():
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
 
     flower = services["flower"]
-    assert "ARCHIVE_ASR_FLOWER_BASIC_AUTH" in flower["environment"]
+    user, password = flower["environment"]["ARCHIVE_ASR_FLOWER_BASIC_AUTH"].split("}:", 1)
+    assert user.startswith("${FLOWER_USER:-") and user[len("${FLOWER_USER:-"):]  # never an empty user name
+    assert password.startswith("${FLOWER_PASSWORD:?")  # compose refuses an empty or missing password
     assert flower["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
     worker = services["worker"]
