@@ -55,11 +55,11 @@ def unique_clips(dest: Path, n: int, tag: str) -> list[Path]:
 def enqueue(paths: list[Path]) -> tuple[list[int], float]:
     """Write the jobs (scheduler code), then dispatch; return ids and the time.time() of dispatch."""
     from scheduler.enqueue import Enqueuer, job_spec
-    from worker.dispatch import dispatch_new_jobs
+    from worker.dispatch import dispatch_jobs
 
     summary = Enqueuer(spec=job_spec(model=MODEL, language=None, word_timestamps=True, priority=0)).run([str(p) for p in paths])
     t = time.time()
-    dispatch_new_jobs(summary.new_jobs)
+    dispatch_jobs(summary.new_jobs)
     return summary.new_jobs, t
 
 

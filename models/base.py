@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timezone
 
 from sqlalchemy import DateTime, MetaData
@@ -46,11 +45,6 @@ class UTCDateTime(TypeDecorator):
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def path_to_bytes(path: str | bytes | os.PathLike) -> bytes:
-    """The file system's own bytes for a path: what we key on, so any file name round-trips."""
-    return os.fsencode(path)
 
 
 def display_path(path_bytes: bytes) -> str:

@@ -306,14 +306,3 @@ def retry_job(*, session: Session, job_id: int) -> bool:
         dispatched_at=None,
         lease_expires_at=None,
     )
-
-
-def job_paths(*, session: Session, job_id: int) -> list[str]:
-    """Every known path holding this job's content, the job's own path first (for open())."""
-    job = session.get(Job, job_id)
-    if job is None:
-        return []
-    others = session.scalars(
-        select(File.path_bytes).where(File.sha256 == job.sha256, File.path_bytes != job.path_bytes).order_by(File.id)
-    )
-    return [job.fs_path, *(os.fsdecode(p) for p in others)]

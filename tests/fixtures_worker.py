@@ -87,11 +87,11 @@ KILL_TEST_CLIPS = tuple(
 def enqueue(paths: list[Path], *, model: str = TEST_MODEL, word_timestamps: bool = True) -> list[int]:
     """Enqueue through the scheduler's own code, then dispatch; return the new job ids."""
     from scheduler.enqueue import Enqueuer, job_spec
-    from worker.dispatch import dispatch_new_jobs
+    from worker.dispatch import dispatch_jobs
 
     spec = job_spec(model=model, language=None, word_timestamps=word_timestamps, priority=0)
     summary = Enqueuer(spec=spec).run([str(p) for p in paths])
-    dispatch_new_jobs(summary.new_jobs)
+    dispatch_jobs(summary.new_jobs)
     return summary.new_jobs
 
 

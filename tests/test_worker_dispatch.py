@@ -98,12 +98,12 @@ def test_expired_lease_is_released_and_dispatched(env: str, shared_audio: Path, 
 
 def test_priority_picks_the_redis_step(env: str, shared_audio: Path, tmp_path: Path):
     from scheduler.enqueue import Enqueuer, job_spec
-    from worker.dispatch import dispatch_new_jobs
+    from worker.dispatch import dispatch_jobs
 
     clips = copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:2])
     low = Enqueuer(spec=job_spec(model="tiny.en", language=None, word_timestamps=True, priority=0)).run([str(clips[0])])
     high = Enqueuer(spec=job_spec(model="tiny.en", language=None, word_timestamps=True, priority=5)).run([str(clips[1])])
-    dispatch_new_jobs(low.new_jobs + high.new_jobs)
+    dispatch_jobs(low.new_jobs + high.new_jobs)
     r = redis.Redis.from_url(env)
     assert r.llen("asr.tiny.en") == 1  # priority 5: step 0, popped first
     assert r.llen("asr.tiny.en\x06\x165") == 1  # priority 0: the middle step
@@ -113,14 +113,14 @@ def test_unreachable_broker_is_a_clear_error(data_dir: Path, monkeypatch: pytest
     from archive_asr.errors import BrokerUnavailable
     from archive_asr.settings import get_settings
     from scheduler.enqueue import Enqueuer, job_spec
-    from worker.dispatch import dispatch_new_jobs
+    from worker.dispatch import dispatch_jobs
 
     monkeypatch.setenv("ARCHIVE_ASR_BROKER_URL", "redis://127.0.0.1:1/0")
     get_settings.cache_clear()
     clips = copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:1])
     summary = Enqueuer(spec=job_spec(model="tiny.en", language=None, word_timestamps=True, priority=0)).run([str(clips[0])])
     with pytest.raises(BrokerUnavailable, match="does not answer.*ARCHIVE_ASR_BROKER_URL"):
-        dispatch_new_jobs(summary.new_jobs)
+        dispatch_jobs(summary.new_jobs)
 
 
 def test_queue_names_are_per_model():

@@ -1,6 +1,7 @@
 """Put jobs on the broker: one small message per job, on its model's queue, at its priority.
 
-Imported by the scheduler (`archive-asr enqueue`, `retry`): no MLX, no worker machinery.
+Used by the CLI (cli.dispatch: `archive-asr enqueue`, `retry`, `run`), the reconciler and the task;
+it imports no MLX and no worker machinery beyond the Celery app.
 
 Each message is mirrored by a *dispatch marker*: a field in one Redis hash (job id -> queue and
 time), written just before the message and deleted by the task that receives it. The marker lives
@@ -122,11 +123,6 @@ def dispatch_jobs(job_ids: Sequence[int], *, countdown: float | None = None) -> 
     sent = publish(messages, countdown=countdown)
     _mark_dispatched([m.job_id for m in messages])
     return sent
-
-
-def dispatch_new_jobs(job_ids: Sequence[int]) -> int:
-    """The scheduler's hook after inserting or re-queueing jobs; raises BrokerUnavailable if the broker is down."""
-    return dispatch_jobs(job_ids)
 
 
 def forget(job_ids: Iterable[int], url: str | None = None) -> None:
