@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from archive_asr import records
 from models.base import display_path
 from models.search import current_transcripts
 from models.tables import File, Job, JobStatus, Segment, Transcript
@@ -116,48 +117,34 @@ def to_tsv(t: Transcript) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_dict(t: Transcript) -> dict:
-    job = t.job
-    return {
-        "job_id": job.id,
-        "path": job.path,
-        "sha256": job.sha256,
-        "language": t.language,
-        "language_probability": t.language_probability,
-        "duration_s": t.duration_s,
-        "decoded_s": t.decoded_s,  # seconds the decoder delivered; short of the file's length or
-        "warnings": t.warning_lines,  # with warnings: a partial transcript
-        "model": t.model,
-        "text": t.text,
-        "segments": [
-            {
-                "start_s": seg.start_s,
-                "end_s": seg.end_s,
-                "text": seg.text,
-                "avg_logprob": seg.avg_logprob,
-                "no_speech_prob": seg.no_speech_prob,
-                "compression_ratio": seg.compression_ratio,
-                "temperature": seg.temperature,
-                "words": [
-                    {"start_s": w.start_s, "end_s": w.end_s, "word": w.word, "probability": w.probability}
-                    for w in seg.words
-                ],
-            }
+def to_record(t: Transcript) -> records.Transcript:
+    """A transcript row (segments and words loaded) as the engine's record, for Transcript.to_json."""
+    return records.Transcript(
+        language=t.language,
+        language_probability=t.language_probability,
+        duration_s=t.duration_s,
+        text=t.text,
+        segments=tuple(
+            records.Segment(
+                start_s=seg.start_s, end_s=seg.end_s, text=seg.text, avg_logprob=seg.avg_logprob,
+                no_speech_prob=seg.no_speech_prob, compression_ratio=seg.compression_ratio, temperature=seg.temperature,
+                words=tuple(records.Word(start_s=w.start_s, end_s=w.end_s, word=w.word, probability=w.probability)
+                            for w in seg.words),
+            )
             for seg in t.segments
-        ],
-        "timing": {
-            "wall_s": t.wall_s,
-            "real_time_factor": t.real_time_factor,
-            "device": t.device,
-            "batch_size": t.batch_size,
-        },
-        "options": t.options,
-    }
+        ),
+        timing=records.Timing(audio_s=t.duration_s, wall_s=t.wall_s, batch_size=t.batch_size, device=t.device,
+                              model=t.model),
+        options=dict(t.options or {}),
+        decoded_s=t.decoded_s,
+        warnings=tuple(t.warning_lines),
+    )
 
 
 def render(t: Transcript, fmt: str) -> str:
     if fmt == "json":
-        return json.dumps(to_dict(t), ensure_ascii=False, indent=2) + "\n"
+        job = t.job
+        return json.dumps(to_record(t).to_json(job.path, job_id=job.id, sha256=job.sha256), ensure_ascii=False, indent=2) + "\n"
     return {"txt": to_txt, "srt": to_srt, "vtt": to_vtt, "tsv": to_tsv}[fmt](t)
 
 

@@ -121,3 +121,37 @@ def test_export_of_a_failed_or_running_job_says_so_with_the_reason(three_jobs):
     # Nothing named: every finished transcript, and no complaint about the others.
     everything = CliRunner().invoke(main, ["export"])
     assert everything.exit_code == 0 and everything.stdout == "my fellow Americans\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_export_json_and_transcribe_json_are_one_shape(db_url, tmp_path: Path):
+    """`transcribe --json` on a real clip, that transcript stored and exported: the same object,
+    but for what only the database knows (the job's id and content hash)."""
+    from archive_asr.records import Segment, Timing, Transcript, Word
+
+    clip = tmp_path / "jfk.flac"
+    shutil.copy2(SAMPLES / "jfk.flac", clip)
+    env = {**os.environ, "ARCHIVE_ASR_MODELS_DIR": str(REPO / ".data" / "test-models")}
+    out = subprocess.run([*_archive_asr(), "transcribe", "--json", "--quiet", "--model", "tiny.en", str(clip)],
+                         env=env, capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    assert "fellow americans" in printed["text"].lower() and printed["segments"][0]["words"]
+
+    t = printed
+    record = Transcript(
+        language=t["language"], language_probability=t["language_probability"], duration_s=t["duration_s"],
+        text=t["text"], options=t["options"], decoded_s=t["decoded_s"], warnings=tuple(t["warnings"]),
+        segments=tuple(Segment(**{**s, "words": tuple(Word(**w) for w in s["words"])}) for s in t["segments"]),
+        timing=Timing(**{k: v for k, v in t["timing"].items() if k != "real_time_factor"}),
+    )
+    assert CliRunner().invoke(main, ["enqueue", "--no-dispatch", "-q", str(clip)]).exit_code == 0
+    with session_scope() as s:
+        job = s.scalar(select(Job))
+        claim_job(session=s, job_id=job.id, worker_host="here", lease_s=60)
+        finish_job(session=s, job_id=job.id, transcript=record)
+        job_id, sha256 = job.id, job.sha256
+    exported = json.loads(CliRunner().invoke(main, ["export", "--format", "json", str(clip)]).stdout)
+
+    assert exported == {**printed, "job_id": job_id, "sha256": sha256}
