@@ -148,11 +148,18 @@ def render(t: Transcript, fmt: str) -> str:
     return {"txt": to_txt, "srt": to_srt, "vtt": to_vtt, "tsv": to_tsv}[fmt](t)
 
 
+NAME_MAX_BYTES = 255  # the longest file name ext4, APFS and most other filesystems take
+
+
 def output_name(t: Transcript, fmt: str, taken: set[str]) -> str:
-    """`<file stem>.<fmt>`, with the job id added when two files share a stem."""
+    """`<file stem>.<fmt>`, with the job id added when two files share a stem; a stem too long for
+    the filesystem is shortened (the job id added, so shortened names stay apart)."""
     stem = Path(os.fsdecode(t.job.path_bytes)).stem or f"job-{t.job_id}"
     name = f"{stem}.{fmt}"
-    if name in taken:
-        name = f"{stem}-{t.job_id}.{fmt}"
+    if name in taken or len(os.fsencode(name)) > NAME_MAX_BYTES:
+        suffix = f"-{t.job_id}.{fmt}"
+        while len(os.fsencode(stem + suffix)) > NAME_MAX_BYTES:
+            stem = stem[:-1]
+        name = stem + suffix
     taken.add(name)
     return name
