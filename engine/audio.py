@@ -14,8 +14,9 @@ a decoded length that falls short of the header's. Where the length of a gap com
 - containers with timestamps (MP4, WebM/Matroska, Ogg, FLAC frame numbers): the next good frame's;
 - MP3 and ADTS AAC, whose demuxers number packets one after another (bytes skipped while they
   resync move no timestamp): the header's duration minus what the packets cover (an MP3 with a
-  Xing/Info/VBRI header states its length exactly), else the skipped bytes at the stream's mean
-  bit rate; shared among several damaged stretches in proportion to their bytes.
+  Xing/Info/VBRI header states its length exactly), else the bytes outside good packets at the
+  stream's mean bit rate; shared among several damaged stretches in proportion to their bytes.
+Raw ADTS AAC states no length (FFmpeg's is a bit-rate guess), so a cut one is not reported short.
 A libsndfile read error hands the rest of the file, from the failed block on, to FFmpeg.
 
 A file with no decodable audio at all raises ``AudioDecodeError`` with a readable reason.
@@ -46,6 +47,8 @@ RESAMPLE_QUALITY = "HQ"  # soxr's high quality; "VHQ" costs more for no audible 
 PREFER_FFMPEG = {"MP3", "MPEG", "OGG"}
 # FFmpeg demuxers whose packet timestamps are a running count, blind to bytes skipped at damage
 SEQUENTIAL_PTS_FORMATS = {"mp3", "aac", "ac3", "eac3", "mp2", "adts"}
+# FFmpeg demuxers whose stated duration is a bit-rate estimate (raw ADTS AAC: off by 1-4 % on our clips)
+ESTIMATED_LENGTH_FORMATS = {"aac"}
 GAP_TOLERANCE_S = 0.002  # a jump below this is rounding, never a gap
 # Vorbis frames' timestamps wobble by up to a block (tens of ms) in intact files: a jump below this
 # is a gap only right after an undecodable packet
@@ -163,8 +166,10 @@ def _resync_gaps(path: Path, stream_index: int, stated_end_s: float | None, fmt:
     Run once, at the first sign of damage: one more pass over the file (MP3/AAC decode at hundreds
     of times real time) finds the damaged spots: after a run of undecodable packets, at a jump
     between one packet's end and the next one's start, after an oversized packet that swallowed
-    damaged bytes. The bytes lost are those jumps and excesses plus whatever the packets don't
-    account for (the ADTS demuxer skips garbage without a trace).
+    damaged bytes. The time lost is the header's exact length minus what the packets cover (MP3
+    with a Xing/Info/VBRI tag), else every byte outside a good packet at the stream's mean byte
+    rate; it is shared among the spots by the bytes lost at each (the ADTS demuxer skips garbage
+    without a trace: those bytes are shared evenly).
     """
     import av
 
@@ -184,25 +189,31 @@ def _resync_gaps(path: Path, stream_index: int, stated_end_s: float | None, fmt:
     if len(packets) < 2:
         return {}
     median = float(np.median([p.size for p in packets]))
-    measured: dict[int, int] = {}  # byte position of the packet after the damage -> bytes seen lost there
-    for prev, p in zip(packets, packets[1:]):
+    good = [p.ok and p.size <= OVERSIZED_PACKET * median for p in packets]
+    spots: dict[int, int] = {}  # byte position of the first good packet after damage -> bytes lost there
+    run_bytes = 0  # bytes of undecodable or oversized packets since the last good one
+    for prev, p, prev_good, p_good in zip(packets, packets[1:], good, good[1:]):
+        if not prev_good:
+            run_bytes += prev.size
         jump = max(0, p.pos - (prev.pos + prev.size))
-        swallowed = prev.size - int(median) if prev.size > OVERSIZED_PACKET * median else 0
-        if jump or swallowed or (not prev.ok and p.ok):
-            measured[p.pos] = jump + swallowed
-    if not measured:
+        if p_good and (run_bytes or jump):
+            spots[p.pos], run_bytes = run_bytes + jump, 0
+    if not spots:
         return {}
-    file_size = os.path.getsize(_fs_name(path))
-    hidden = max(0, file_size - packets[0].pos - sum(p.size for p in packets) - sum(measured.values()))
-    weights = {pos: n + hidden / len(measured) for pos, n in measured.items()}
-    total = sum(weights.values())
     covered_s = sum(p.duration_s for p in packets)
+    good_bytes = sum(p.size for p, g in zip(packets, good) if g)
+    lost_bytes = max(0, os.path.getsize(_fs_name(path)) - packets[0].pos - good_bytes)
     if fmt == "mp3" and stated_end_s is not None and _has_vbr_header(path, packets[0].pos):
         lost_s = max(0.0, stated_end_s - covered_s)  # exact: the header counts every frame
     else:
-        normal = [p for p in packets if p.ok and p.size <= OVERSIZED_PACKET * median]
-        bytes_per_s = sum(p.size for p in normal) / max(sum(p.duration_s for p in normal), 1e-9)
-        lost_s = total / bytes_per_s
+        # every byte not in a good packet held audio at the stream's mean rate; the undecodable
+        # packets' own durations are on the timeline already
+        bytes_per_s = good_bytes / max(sum(p.duration_s for p, g in zip(packets, good) if g), 1e-9)
+        lost_s = max(0.0, lost_bytes / bytes_per_s - sum(p.duration_s for p, g in zip(packets, good) if not g))
+    # bytes skipped where no packet shows it (the ADTS demuxer's resync) are shared out evenly
+    hidden = max(0, lost_bytes - sum(spots.values()))
+    weights = {pos: n + hidden / len(spots) for pos, n in spots.items()}
+    total = sum(weights.values())
     return {pos: lost_s * w / total for pos, w in weights.items()} if total else {}
 
 
@@ -228,7 +239,9 @@ def _ffmpeg_blocks(path: Path, report: DecodeReport, *, from_s: float = 0.0, rat
         stream.thread_type = "SLICE"  # frame threads deliver frames (and errors) late: no telling which packet failed
         tb = stream.time_base
         start_s = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
-        if stream.duration is not None and tb:
+        if container.format.name in ESTIMATED_LENGTH_FORMATS:
+            stated_s = None  # FFmpeg guesses it from the bit rate: no header says it
+        elif stream.duration is not None and tb:
             stated_s = float(stream.duration * tb)
         elif container.duration is not None:
             stated_s = container.duration / av.time_base
