@@ -86,6 +86,7 @@ class Summary:
     new_audio_s: float = 0.0  # duration of the new jobs
     unprobed: int = 0  # files whose container header gave no duration (maybe not audio)
     job_keys: set[str] = field(default_factory=set)  # `jobs.key` of every file found, new job or not
+    requeued: int = 0  # failed jobs whose missing file ("no such file") was found again: queued again
 
     @property
     def missing(self) -> list[Skipped]:
@@ -97,6 +98,7 @@ class Summary:
             "dry_run": dry_run,
             "found": self.found,
             "new": self.would_create if dry_run else len(self.new_jobs),
+            "requeued": self.requeued,
             "unchanged": self.unchanged,
             "changed": self.changed,
             "moved": self.moved,
@@ -358,6 +360,7 @@ class Enqueuer:
         if not by_key:
             return
         existing = set(session.scalars(select(Job.key).where(Job.key.in_(list(by_key)))))
+        self._requeue_found_again(session, {key: by_key[key] for key in existing})
         rows = [row for key, row in by_key.items() if key not in existing]
         if not rows:
             return
@@ -368,6 +371,23 @@ class Enqueuer:
             session.scalars(select(Job.key).where(Job.id.in_(ids)))
         )
         self.summary.new_audio_s += sum(r["duration_s"] or 0.0 for r in rows if r["key"] in created)
+
+    def _requeue_found_again(self, session: Session, found: dict[str, dict]) -> None:
+        """A job that failed because its file was missing ("no such file": moved, a NAS not mounted)
+        goes back to the queue now that the scan found its content again, at the path found.
+        Its id joins new_jobs, so it is dispatched with them."""
+        if not found:
+            return
+        failed = session.scalars(select(Job).where(Job.key.in_(list(found)), Job.status == JobStatus.FAILED))
+        for job in list(failed):
+            if "no such file" not in (job.error or "").lower():
+                continue
+            row = found[job.key]
+            if transition(session=session, job_id=job.id, to=JobStatus.QUEUED, from_={JobStatus.FAILED},
+                          path_bytes=row["path_bytes"], path=row["path"], attempts=0, error=None, worker_host=None,
+                          finished_at=None, dispatched_at=None, lease_expires_at=None):
+                self.summary.new_jobs.append(job.id)
+                self.summary.requeued += 1
 
     def _dry_run(self, unchanged: list[tuple[Found, File]], to_hash: list[Found], pool: ThreadPoolExecutor) -> None:
         """Count without hashing: unchanged files may still lack a job for this model/language."""
