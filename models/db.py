@@ -192,12 +192,12 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
                 conn.commit()
     elif engine.url.database and engine.url.database != ":memory:":
         lock_path = Path(engine.url.database).expanduser().with_suffix(".migrate.lock")
-        with open(lock_path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
     else:
         yield
 

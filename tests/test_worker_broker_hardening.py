@@ -99,7 +99,8 @@ def test_broker_and_enqueue_in_a_data_folder_with_spaces_quotes_and_accents(odd_
     out = cli(odd_env, "enqueue", str(recordings), "--quiet")
     assert out.returncode == 0, out.stdout + out.stderr
     assert status(odd_env)["queues"] == {"asr.tiny.en": 2}  # dispatched to the broker in the odd folder
-    assert oct((data / "archive.db").stat().st_mode & 0o777) == "0o600"
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in data.glob("archive*")} == {
+        p.name: "0o600" for p in data.glob("archive*")}  # the database, its WAL and its lock
 
     out = cli(odd_env, "broker", "stop")
     assert out.returncode == 0 and f"stopped (pid {st['pid']})" in out.stdout
