@@ -306,3 +306,18 @@ def test_flower_without_a_password_cannot_stop_a_worker(data_dir: Path, tmp_path
         cli(env, "broker", "stop")
     banner = (tmp_path / "flower.log").read_text()
     assert "read-only" in banner and "ARCHIVE_ASR_FLOWER_BASIC_AUTH" in banner
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_run_in_a_data_folder_with_spaces_quotes_and_accents(odd_env, tmp_path, shared_audio):
+    import sqlite3
+
+    recordings = tmp_path / "my recordings"
+    copy_clips(shared_audio, recordings, ("jfk.flac",))
+    out = cli(odd_env, "run", str(recordings), "--model", "tiny.en", "--quiet", timeout=280)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "done: 1, failed: 0" in out.stdout
+    db = Path(odd_env["ARCHIVE_ASR_DATA_DIR"]) / "archive.db"
+    (text,) = sqlite3.connect(db).execute("SELECT text FROM transcripts").fetchone()
+    assert "fellow americans" in text.lower()
