@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from archive_asr import records
 from archive_asr.settings import get_settings
 from models.base import utcnow
-from models.tables import File, Job, JobStatus, Segment, Transcript, Word
+from models.tables import Job, JobStatus, Segment, Transcript, Word
 
 MAX_ERROR_CHARS = 4000
 MTIME_TOLERANCE_S = 1e-6  # jobs.mtime is float seconds: nanoseconds do not survive the round trip

@@ -41,7 +41,7 @@ def _tree(tmp_path: Path, modules: dict[str, str]) -> Path:
     for name, source in modules.items():
         (root / name).write_text(source)
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
-    lines = ["[importlinter]", f"root_packages =\n    " + "\n    ".join(config["root_packages"]),
+    lines = ["[importlinter]", "root_packages =\n    " + "\n    ".join(config["root_packages"]),
              f"include_external_packages = {config['include_external_packages']}"]
     for i, contract in enumerate(config["contracts"]):
         lines.append(f"\n[importlinter:contract:{i}]")
