@@ -177,3 +177,22 @@ def test_spool_round_trips_every_field():
     back = saving.transcript_from_json(saving.transcript_to_json(transcript))
     assert back == transcript
     assert back.segments[1].words[0].word == " until"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_an_outage_longer_than_a_minute_keeps_the_transcript_and_logs_once_a_minute(db, caplog):
+    """The issue's case at its real scale: past the 60 s after which saving used to give up."""
+    job_id = running_job()
+    db.block()
+    db.allow_after(75)
+    caplog.set_level(logging.INFO, logger="worker.saving")
+    started = time.monotonic()
+    assert saving.save_transcript(job_id=job_id, holder=HOLDER, transcript=make_transcript(SENTENCES)) is True
+    assert 75 <= time.monotonic() - started < 85
+    assert saved_text(job_id)[0] == JobStatus.DONE and spooled() == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker.saving"]
+    still = [m for m in lines if "still unavailable after" in m]
+    assert len(still) == 1 and "after 1 min" in still[0], lines
+    assert any("database back after 1 min" in m for m in lines)
+    assert len(lines) == 4 and not any(r.exc_info for r in caplog.records)  # start, spooled, 1 a minute, back
