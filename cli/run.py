@@ -197,6 +197,7 @@ def run(paths: tuple[Path, ...], model: str | None, language: str | None, batch_
                 _drain(spec.model, ids, batch_size, log_dir / "run-worker.log", quiet)
             finally:
                 reconciler.stop()
+                reconciler.join(timeout=30)  # a pass in flight finishes before the broker may stop
         jobs = _jobs(ids=ids)
     except ArchiveAsrError as e:
         raise click.ClickException(str(e)) from e
