@@ -145,9 +145,8 @@ def test_a_stopped_broker_gets_no_twin_and_broker_stop_stops_it(data_dir: Path, 
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        # The next start reuses the same port and password; the job's message is re-sent by the reconciler.
+        # The next start serves the folder again; the job's message is re-sent by the reconciler.
         assert cli(env, "broker", "start").returncode == 0
-        assert status(env)["port"] == before["port"]
 
         def redispatched() -> list[int]:  # once the job is older than the reconciler's grace period
             out = cli(env, "reconcile", "--json")
