@@ -348,10 +348,15 @@ def _start(p: dict[str, Path], previous: EmbeddedBroker | None) -> EmbeddedBroke
     # lock with it) and holds it until it exits, whoever started it.
     lock_fd = os.open(p["server_lock"], os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise BrokerUnavailable(f"another embedded Valkey holds {p['dir']}; not starting a second one") from e
+        deadline = time.monotonic() + 2.0  # a `broker status` may be testing the lock this instant
+        while True:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as e:
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(f"another embedded Valkey holds {p['dir']}; not starting a second one") from e
+                time.sleep(0.02)
         for _ in range(3):  # another data dir's server may take the port between our check and its bind
             state = EmbeddedBroker(port=port, password=password)
             _write_config(p, state)
