@@ -18,6 +18,7 @@ from models.jobs import (
     queued_jobs,
     release_expired,
     renew_lease,
+    start_attempt,
     retry_job,
     transition,
 )
@@ -41,8 +42,12 @@ def test_claim_is_atomic_and_lease_expiry_lets_another_worker_take_over(db_url):
         job_id = add_job(s)
     with session_scope() as s:
         job = claim_job(session=s, job_id=job_id, worker_host="mac-1", lease_s=30)
-        assert job is not None and job.status == JobStatus.RUNNING and job.attempts == 1
+        assert job is not None and job.status == JobStatus.RUNNING and job.attempts == 0  # only waiting
+    with session_scope() as s:  # work on the file begins: that is an attempt
+        assert start_attempt(session=s, job_id=job_id, worker_host="mac-1")
+        assert not start_attempt(session=s, job_id=job_id, worker_host="mac-2")
     with session_scope() as s:
+        assert s.get(Job, job_id).attempts == 1
         assert claim_job(session=s, job_id=job_id, worker_host="mac-2", lease_s=30) is None
         assert renew_lease(session=s, job_id=job_id, worker_host="mac-1", lease_s=30)
         assert not renew_lease(session=s, job_id=job_id, worker_host="mac-2", lease_s=30)
@@ -52,7 +57,8 @@ def test_claim_is_atomic_and_lease_expiry_lets_another_worker_take_over(db_url):
     with session_scope() as s:
         assert [j.id for j in expired_jobs(session=s)] == [job_id]
         job = claim_job(session=s, job_id=job_id, worker_host="mac-2", lease_s=30)
-        assert job is not None and job.worker_host == "mac-2" and job.attempts == 2
+        assert job is not None and job.worker_host == "mac-2" and job.attempts == 1
+        assert start_attempt(session=s, job_id=job_id, worker_host="mac-2")
         assert not renew_lease(session=s, job_id=job_id, worker_host="mac-1", lease_s=30)
 
 

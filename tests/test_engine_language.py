@@ -34,9 +34,9 @@ def _first_windows(audios: list[np.ndarray], n_mels: int):
     import mlx.core as mx
     from mlx_whisper.audio import N_FRAMES, pad_or_trim
 
-    from engine.mel import log_mel
+    from engine.mel import file_mel
 
-    return mx.stack([pad_or_trim(log_mel(a, n_mels)[:N_FRAMES], N_FRAMES, axis=-2) for a in audios])
+    return mx.stack([mx.array(file_mel([a], n_mels).window(0, N_FRAMES)[0]) for a in audios])
 
 
 def _silence_and_noise() -> list[np.ndarray]:

@@ -1,4 +1,5 @@
-"""Log-mel in blocks (engine.mel): Whisper's framing exactly, per-block clamping, bounded memory."""
+"""One file's log-mel (engine.mel): sequential Whisper's input exactly, clamped at the whole file's
+maximum, computed block by block with bounded memory."""
 
 from __future__ import annotations
 
@@ -6,18 +7,9 @@ import numpy as np
 import pytest
 
 import engine  # noqa: F401  (OpenBLAS before mlx.core)
-import mlx.core as mx
-from mlx_whisper.audio import HOP_LENGTH, N_FFT, N_SAMPLES, hanning, log_mel_spectrogram, mel_filters, stft
+from mlx_whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram
 
 from engine import mel as engine_mel
-
-
-def _unclamped_reference(audio: np.ndarray) -> np.ndarray:
-    """mlx_whisper's log-mel of the audio as mlx_whisper.transcribe pads it, before the clamp."""
-    x = mx.pad(mx.array(audio), (0, N_SAMPLES))
-    spec = stft(x, hanning(N_FFT), nperseg=N_FFT, noverlap=HOP_LENGTH)[:-1].abs().square()
-    log_spec = mx.maximum(spec @ mel_filters(80).T, 1e-10).log10()
-    return np.array((log_spec + 4.0) / 4.0)[: len(audio) // HOP_LENGTH]
 
 
 @pytest.fixture(scope="module")
@@ -27,61 +19,60 @@ def speech(shared_audio) -> np.ndarray:
     return load_audio(shared_audio / "longform" / "ljspeech_LJ001-0001_to_0032_concat.wav")[: 16000 * 75]
 
 
-def test_framing_equals_mlx_whisper(speech, monkeypatch):
-    monkeypatch.setattr(engine_mel, "DYNAMIC_RANGE", 1e9)  # compare the frames, not the clamp
-    for n in (0, 120, 160, 200, 201, 999, 480_000, 480_161, len(speech)):
-        got = np.array(engine_mel.log_mel(speech[:n]))
-        want = _unclamped_reference(speech[:n]) if n else np.zeros((0, 80))
-        assert got.shape == (n // 160, 80)
-        np.testing.assert_allclose(got, want, atol=1e-5)
+def _sequential_window(reference: np.ndarray, seek: int) -> np.ndarray:
+    """The window mlx_whisper.transcribe decodes at `seek`: frames from the whole-file mel, zero-padded."""
+    content = reference.shape[0] - N_FRAMES
+    window = reference[seek : seek + min(N_FRAMES, content - seek)]
+    return np.pad(window, [(0, N_FRAMES - len(window)), (0, 0)])
 
 
-def test_one_block_is_whisper_log_mel(speech):
-    """Up to 30 s the block is the whole clip: Whisper's own clamp at (max - 8) applies."""
-    clip = speech[: 16000 * 25]
-    want = np.array(log_mel_spectrogram(clip, padding=N_SAMPLES))[: len(clip) // 160]
-    np.testing.assert_allclose(np.array(engine_mel.log_mel(clip)), want, atol=1e-5)
+@pytest.mark.parametrize("chunk", [7777, 16000 * 30, 123_457])
+def test_every_window_equals_mlx_whisper_transcribe_input(speech, chunk):
+    reference = np.array(log_mel_spectrogram(speech, n_mels=80, padding=N_SAMPLES))
+    fm = engine_mel.file_mel((speech[i : i + chunk] for i in range(0, len(speech), chunk)), 80)
+    assert fm.content_frames == reference.shape[0] - N_FRAMES == len(speech) // 160
+    for seek in (0, 1234, 3000, fm.content_frames - 700):
+        window, size = fm.window(seek, fm.content_frames)
+        assert size == min(N_FRAMES, fm.content_frames - seek)
+        np.testing.assert_allclose(window, _sequential_window(reference, seek), atol=1e-5)
+    np.testing.assert_allclose(fm.detection_window(), reference[:N_FRAMES], atol=1e-5)
 
 
-def test_clamped_per_30_s_block(speech):
+def test_a_quiet_stretch_is_clamped_at_the_whole_files_maximum(speech):
+    """A block 60 dB quieter than the rest: per-block clamping would lift its floor; Whisper's
+    clamp (and so ours) is 8 log10 units below the loudest frame of the whole file."""
     quiet = speech.copy()
-    quiet[: 16000 * 30] *= 1e-5  # a first half-minute 100 dB down: its own floor, not the file's
-    mel = np.array(engine_mel.log_mel(quiet))
-    for start in range(0, len(mel), engine_mel.BLOCK_FRAMES):
-        block = mel[start : start + engine_mel.BLOCK_FRAMES]
-        assert block.min() >= block.max() - 2.0 - 1e-6  # 8 log10 units = 2.0 after (x + 4) / 4
-    # a clamp over the whole file would have lifted the quiet block to (file max - 2.0)
-    assert mel[:3000].min() < mel.max() - 2.0 - 0.5
+    quiet[16000 * 40 : 16000 * 70] *= 1e-3
+    reference = np.array(log_mel_spectrogram(quiet, n_mels=80, padding=N_SAMPLES))
+    fm = engine_mel.file_mel([quiet], 80)
+    window, _ = fm.window(4500, fm.content_frames)
+    np.testing.assert_allclose(window, _sequential_window(reference, 4500), atol=1e-5)
+    floor = (fm.max_log10 - engine_mel.DYNAMIC_RANGE + 4) / 4
+    assert window.min() == pytest.approx(floor, abs=1e-5)
 
 
-def test_streamed_chunks_of_any_size_equal_in_memory(speech):
-    whole = np.array(engine_mel.log_mel(speech))
-    rng = np.random.default_rng(0)
-    cuts = np.sort(rng.integers(0, len(speech), 40))
-    chunks = np.split(speech, np.sort(np.concatenate([cuts, [100, 101, 16000 * 30]])))  # tiny ones too
-    blocks = list(engine_mel.iter_log_mel(chunks))
-    assert all(b.shape[0] == engine_mel.BLOCK_FRAMES for b in blocks[:-1])
-    np.testing.assert_array_equal(np.concatenate([np.array(b) for b in blocks]), whole)
+def test_a_short_clip_has_its_detection_window_of_padding_frames():
+    audio = (0.1 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)  # 1 s
+    reference = np.array(log_mel_spectrogram(audio, n_mels=80, padding=N_SAMPLES))
+    fm = engine_mel.file_mel([audio], 80)
+    assert fm.content_frames == 100
+    window, size = fm.window(0, fm.content_frames)
+    assert size == 100 and not window[100:].any()  # decoding: zeros after the audio
+    np.testing.assert_allclose(fm.detection_window(), reference[:N_FRAMES], atol=1e-5)  # detection: padding frames
 
 
-def test_peak_memory_does_not_grow_with_length(speech):
-    """2.5 minutes vs 50 minutes streamed: the same peak, in MLX and in numpy (blocks are let go)."""
-    import tracemalloc
+def test_digital_silence_is_flat_and_speech_is_not(speech):
+    audio = np.concatenate([np.zeros(16000 * 3, np.float32), speech[: 16000 * 5]])
+    fm = engine_mel.file_mel([audio], 80)
+    assert fm.flat[10:290].all()
+    assert not fm.flat[320:].any()
 
-    def stream_peak(repeats: int) -> tuple[int, int]:
-        mx.eval(mx.zeros(1))
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        tracemalloc.start()
-        frames = 0
-        # a fresh copy per chunk, as a decoder yields them: keeping any would show in the peak
-        for block in engine_mel.iter_log_mel(speech.copy() for _ in range(repeats)):
-            frames += block.shape[0]
-        numpy_peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        assert frames == repeats * len(speech) // 160
-        return mx.get_peak_memory(), numpy_peak
 
-    (mlx_short, np_short), (mlx_long, np_long) = stream_peak(2), stream_peak(40)
-    assert mlx_long <= 1.1 * mlx_short
-    assert np_long <= 1.1 * np_short
+def test_a_long_file_goes_to_a_temporary_file(speech, monkeypatch):
+    monkeypatch.setattr(engine_mel, "IN_MEMORY_FRAMES", 4000)
+    fm = engine_mel.file_mel((speech for _ in range(3)), 80)  # 225 s, mapped from disk
+    assert isinstance(fm.log10, np.memmap) and fm.store is not None
+    assert fm.content_frames == 3 * len(speech) // 160
+    in_memory = engine_mel.file_mel([np.concatenate([speech] * 3)], 80)
+    np.testing.assert_allclose(fm.window(10_000, fm.content_frames)[0], in_memory.window(10_000, fm.content_frames)[0], atol=1e-5)
+    fm.close()

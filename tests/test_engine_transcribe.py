@@ -145,7 +145,7 @@ def test_a_sliver_of_audio_that_whisper_calls_silence_gives_no_text():
     """The measured failure: a region's last 0.38 s, P(no speech) 0.95, confident invented text."""
     from engine.decode import WindowResult
     from engine.options import EngineOptions
-    from engine.transcribe import _is_silence
+    from engine.rows import is_silence as _is_silence
 
     invented = WindowResult(
         tokens=(50364, 407, 50400), avg_logprob=-0.43, no_speech_prob=0.95, compression_ratio=3.1, temperature=0.0, text="x"

@@ -30,8 +30,8 @@ def test_worker_options_for_this_platform():
     argv = worker_argv(model="tiny.en", concurrency=1, loglevel="INFO")
     assert argv[argv.index("-Q") + 1] == "asr.tiny.en"  # its model's queue only
     assert "-E" in argv and "--pool=threads" in argv and "--concurrency=1" in argv
-    several = worker_argv(model="base", concurrency=3, loglevel="INFO")
-    assert ("--pool=threads" if sys.platform == "darwin" else "--pool=prefork") in several
+    several = worker_argv(model="base", concurrency=66, loglevel="INFO")  # 64 rows + a prefetch of 2
+    assert "--pool=threads" in several and "--concurrency=66" in several  # one session, never forks
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.20")
 

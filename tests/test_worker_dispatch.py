@@ -76,7 +76,7 @@ def test_expired_lease_is_released_and_dispatched(env: str, shared_audio: Path, 
     import time
 
     from models.db import session_scope
-    from models.jobs import claim_job
+    from models.jobs import claim_job, start_attempt
     from models.tables import Job, JobStatus
     from worker.dispatch import forget
     from worker.reconcile import reconcile
@@ -86,6 +86,7 @@ def test_expired_lease_is_released_and_dispatched(env: str, shared_audio: Path, 
     forget([job_id])  # as a worker does when it takes the message
     with session_scope() as session:
         assert claim_job(session=session, job_id=job_id, worker_host="gone:1", lease_s=0.2)
+        assert start_attempt(session=session, job_id=job_id, worker_host="gone:1")  # it began the file
     time.sleep(0.5)  # the worker died: no renewals
     report = reconcile(force=True, grace=0)
     assert report.released == [job_id] and report.redispatched == [job_id]

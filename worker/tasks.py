@@ -123,8 +123,10 @@ def _fail(job_id: int, error: str, *, retryable: bool) -> str | None:
     return status.value if status is not None else None
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, path: str) -> str:
+    """One line for jobs.error; the job's path is shown beside it, so it is not repeated here."""
     text = str(e).strip() or type(e).__name__
+    text = text.removeprefix(f"{path}: ")
     return text if isinstance(e, (PermanentError, RetryableError)) else f"{type(e).__name__}: {text}"
 
 
@@ -207,7 +209,7 @@ def _run_job(job_id: int, holder: str, lease_s: float) -> dict:
 
 def _record_failure(job: ClaimedJob, e: BaseException) -> dict:
     retryable = not isinstance(e, PermanentError)
-    reason = _reason(e)
+    reason = _reason(e, job.path)
     status = _fail(job.job_id, reason, retryable=retryable)
     if not isinstance(e, (PermanentError, RetryableError)):
         log.error("job %s failed", job.job_id, exc_info=e)
