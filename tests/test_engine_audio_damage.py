@@ -158,6 +158,32 @@ def test_file_names_that_are_not_utf8(shared_audio: Path, tmp_path: Path, name: 
     assert abs(len(audio) / SAMPLE_RATE - 11.0) < 0.05 and report.warnings == []
 
 
+@pytest.mark.slow
+def test_words_after_a_corrupt_mp3_middle_keep_their_times(data_dir: Path, shared_audio: Path, tmp_path: Path) -> None:
+    """Whisper (tiny.en, word timestamps) on the intact and the damaged decode: later words within 0.5 s."""
+    import difflib
+
+    import mlx_whisper
+
+    from engine.holder import get_model
+
+    model = str(get_model("tiny.en").path)
+
+    def words(audio: np.ndarray) -> list[tuple[str, float]]:
+        result = mlx_whisper.transcribe(audio, path_or_hf_repo=model, fp16=False, word_timestamps=True, language="en")
+        return [(w["word"].strip(" .,;:!?\"").lower(), w["start"]) for s in result["segments"] for w in s["words"]]
+
+    src = shared_audio / "formats" / "jfk.mp3"
+    audio, report = decode(corrupt(src, tmp_path / "mid.mp3", 0.40, 0.50))
+    (gap_at_s, gap_s), = report.gaps_s
+    intact = [w for w in words(load_audio(src)) if w[1] > gap_at_s + gap_s + 0.3]
+    damaged = [w for w in words(audio) if w[1] > gap_at_s + gap_s + 0.3]
+    match = difflib.SequenceMatcher(a=[w for w, _ in intact], b=[w for w, _ in damaged], autojunk=False)
+    pairs = [(intact[b.a + k][1], damaged[b.b + k][1]) for b in match.get_matching_blocks() for k in range(b.size)]
+    assert len(pairs) >= 8 and any(w == "country" for w, _ in damaged), damaged  # "...do for your country"
+    assert max(abs(a - b) for a, b in pairs) <= 0.5, pairs
+
+
 def encode(audio: np.ndarray, path: Path, fmt: str, codec: str, bit_rate: int) -> Path:
     """Real speech encoded by FFmpeg (PyAV), as an archive's MP3 or AAC would hold it."""
     import av
