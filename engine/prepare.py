@@ -7,6 +7,7 @@ checked to be mono float32.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +27,23 @@ class Prepared:
     audio_s: float
     decoded_s: float | None  # None for an array given directly
     warnings: tuple[str, ...]
+    decode_wall_s: float = 0.0  # time spent decoding the container (and resampling)
+    mel_wall_s: float = 0.0  # time spent on the log-mel
 
 
 def prepare(item: np.ndarray | str | Path, n_mels: int) -> Prepared:
     """Decode (a path) or check (an array), then compute the FileMel; raises the file's own error."""
-    seen = {"samples": 0, "sound": False}
+    seen = {"samples": 0, "sound": False, "decode_s": 0.0}
+    started = time.perf_counter()
 
     def counted(chunks):
-        for chunk in chunks:
+        chunks = iter(chunks)
+        while True:
+            t0 = time.perf_counter()
+            chunk = next(chunks, None)
+            seen["decode_s"] += time.perf_counter() - t0
+            if chunk is None:
+                return
             seen["samples"] += len(chunk)
             seen["sound"] = seen["sound"] or bool(np.any(chunk))
             yield chunk
@@ -56,4 +66,6 @@ def prepare(item: np.ndarray | str | Path, n_mels: int) -> Prepared:
         audio_s=audio_s,
         decoded_s=(report.decoded_s or audio_s) if report is not None else None,
         warnings=tuple(report.warnings) if report is not None else (),
+        decode_wall_s=seen["decode_s"],
+        mel_wall_s=time.perf_counter() - started - seen["decode_s"],
     )

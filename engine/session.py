@@ -18,6 +18,7 @@ mlx-lm's BatchGenerator and vLLM's LLMEngine are the model: callers only submit 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -50,7 +51,9 @@ log = logging.getLogger(__name__)
 MIN_REGION_S = 60.0
 QUIET_SPAN_FRAMES = 30  # 0.3 s: a cut point's quietness is the mean level around it
 CUT_SEARCH_S = 5.0  # a cut is searched this far either side of the middle of what remains
-SPLIT_GRACE_S = 0.5  # a worker's next files may be on their way: wait this long before cutting one
+CUT_SLACK = 1.2  # stretches planned 20 % over the minimum, so each cut has room to find a quiet point
+SPLIT_GRACE_S = 0.5
+MAX_PREPARE_THREADS = 8  # a worker's next files may be on their way: wait this long before cutting one
 
 
 @dataclass
@@ -65,6 +68,15 @@ class RoundStats:
     decode_s: float = 0.0
     words_s: float = 0.0
     idle_rows: int = 0  # sum over rounds of rows left empty
+    files: int = 0  # files prepared
+    audio_s: float = 0.0  # their audio
+    prepare_decode_s: float = 0.0  # decoding containers, summed over the preparing threads
+    prepare_mel_s: float = 0.0  # log-mel, summed over the preparing threads
+    idle_s: float = 0.0  # the driver waiting with no row to run
+
+    @property
+    def device_s(self) -> float:
+        return self.encode_s + self.decode_s + self.words_s
 
 
 class Session:
@@ -77,7 +89,7 @@ class Session:
         batch_size: int = 0,
         options: EngineOptions = EngineOptions(),
         min_region_s: float = MIN_REGION_S,
-        prepare_threads: int = 2,
+        prepare_threads: int = 0,
     ):
         self.loaded = holder.get_model(model_name)
         self.model = self.loaded.model
@@ -92,7 +104,10 @@ class Session:
         self.rules = TokenRules(base, self.loaded.dims.n_vocab, options)
         self.device = holder.device_name()
         self.stats = RoundStats()
-        self._pool = ThreadPoolExecutor(max(1, prepare_threads), thread_name_prefix="prepare")
+        # Decoding containers and the log-mel run beside the device: on a GPU they must keep up with
+        # it (an H100 transcribes ~1,000 s of audio a second), so use most cores, leaving one.
+        threads = prepare_threads or max(2, min(MAX_PREPARE_THREADS, (os.cpu_count() or 2) - 1))
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
         self._cond = threading.Condition()
         self._waiting: deque[FileState] = deque()  # prepared, waiting for a row
         self._preparing = 0  # submitted, not yet prepared
@@ -137,6 +152,11 @@ class Session:
                 on_start()
             p = prepare(item, self.loaded.dims.n_mels)
             state.mel, state.audio_s, state.decoded_s, state.warnings = p.mel, p.audio_s, p.decoded_s, p.warnings
+            with self._cond:
+                self.stats.files += 1
+                self.stats.audio_s += p.audio_s
+                self.stats.prepare_decode_s += p.decode_wall_s
+                self.stats.prepare_mel_s += p.mel_wall_s
             if not self.loaded.is_multilingual:
                 state.language = "en"
             elif state.options.language:
@@ -183,7 +203,9 @@ class Session:
             elif time.monotonic() - idle_since > 5.0:
                 holder.clear_cache()  # idle: hand MLX's cached buffers back
                 idle_since = float("inf")
+            t0 = time.monotonic()
             self.wait_for_work(timeout_s=0.2)
+            self.stats.idle_s += time.monotonic() - t0
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -248,9 +270,11 @@ class Session:
             row = pick_row_to_split(self._rows, self.min_region_frames)
             if row is None:
                 break
-            self._rows.append(split_row(row, self._initial_prompt(row.file), self.min_region_frames))
-            row.file.open_rows += 1
-            self.stats.splits += 1
+            free = self.batch_size - len(self._rows)
+            for new in split_row(row, self._initial_prompt(row.file), self.min_region_frames, free + 1):
+                self._rows.append(new)
+                row.file.open_rows += 1
+                self.stats.splits += 1
 
     def _initial_prompt(self, f: FileState) -> list[int]:
         text = f.options.initial_prompt
@@ -420,21 +444,31 @@ def build_transcript(f: FileState, model_name: str, batch_size: int, device: str
 
 def pick_row_to_split(rows: list[Row], min_frames: int) -> Row | None:
     """The row with the most audio left, if it can be cut into two stretches of min_frames."""
-    candidates = [r for r in rows if r.remaining >= 2 * min_frames and not r.file.solo]
+    candidates = [r for r in rows if r.remaining >= 2 * CUT_SLACK * min_frames and not r.file.solo]
     return max(candidates, key=lambda r: r.remaining, default=None)
 
 
-def split_row(row: Row, prompt: list[int], min_frames: int) -> Row:
-    """Cut the row's remaining audio at its quietest 0.3 s near the middle: the row keeps the first
-    part, the returned new row (no previous text, as at a file's start) takes the second."""
+def split_row(row: Row, prompt: list[int], min_frames: int, parts: int) -> list[Row]:
+    """Cut the row's remaining audio into up to ``parts`` stretches of at least min_frames, each
+    cut at the quietest 0.3 s near its even place. The row keeps the first stretch; the new rows
+    (no previous text, as at a file's start) take the others."""
+    n = int(min(parts, row.remaining // (min_frames * CUT_SLACK)))
+    if n < 2:
+        return []
     energy = row.file.mel.energy
-    mid = row.seek + row.remaining // 2
+    smooth = np.convolve(energy, np.ones(QUIET_SPAN_FRAMES) / QUIET_SPAN_FRAMES, mode="same")
     search = int(CUT_SEARCH_S * FRAMES_PER_SECOND)
-    lo = max(row.seek + min_frames, mid - search)  # both parts at least min_frames long
-    hi = max(lo + 1, min(row.end_frame - min_frames, mid + search))
-    span = energy[lo - QUIET_SPAN_FRAMES : hi + QUIET_SPAN_FRAMES]
-    smooth = np.convolve(span, np.ones(QUIET_SPAN_FRAMES) / QUIET_SPAN_FRAMES, mode="same")
-    cut = lo + int(np.argmin(smooth[QUIET_SPAN_FRAMES : QUIET_SPAN_FRAMES + hi - lo]))
-    new = Row(row.file, cut, row.end_frame, cut, prompt, last_speech_s=cut / FRAMES_PER_SECOND)
-    row.end_frame = cut
+    step = row.remaining / n
+    cuts = [row.seek]
+    for k in range(1, n):
+        planned = int(row.seek + k * step)
+        lo = max(cuts[-1] + min_frames, planned - search)  # every stretch at least min_frames long
+        hi = max(lo + 1, min(row.end_frame - (n - k) * min_frames, planned + search))
+        cuts.append(lo + int(np.argmin(smooth[lo:hi])))
+    bounds = cuts + [row.end_frame]
+    new = [
+        Row(row.file, a, b, a, list(prompt), last_speech_s=a / FRAMES_PER_SECOND)
+        for a, b in zip(bounds[1:-1], bounds[2:])
+    ]
+    row.end_frame = bounds[1]
     return new

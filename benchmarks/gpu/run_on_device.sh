@@ -1,31 +1,30 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repo root, after the parts of prepare.sh are in /tmp/stage/.
-# usage: bash benchmarks/gpu/run_on_device.sh main|extra
-#   main : base float16 on the 10-minute file repeated 3 times (30 min): every method, 3 timed runs
-#   extra: the ljspeech long file; word timing vs mlx-whisper (10-minute file); 3-hour memory; 200 clips
+# usage: bash benchmarks/gpu/run_on_device.sh archive|run
+#   archive: builds the archive (3.2 h, 91 files), then bench_archive.py: sequential mlx-whisper
+#            file by file vs the engine in archive mode, words off and on, and each long file alone
+#   run:     bench_run.py: `archive-asr run` end to end on the same archive (SQLite, embedded Valkey)
 # Results: printed, and JSON under $OUT (the device tool brings $OUT back).
 set -euo pipefail
-mode=${1:-main}
+mode=${1:-archive}
 if [ ! -d /tmp/site/mlx ]; then
   (cd /tmp/stage && mkdir -p x && cat part* | tar xf - -C x && bash x/install-on-device.sh)
 fi
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 x=/tmp/stage/x/extra
 export ARCHIVE_ASR_DATA_DIR=/tmp/archive-asr-data ARCHIVE_ASR_MODELS_DIR=$x/models
 out=${OUT:-/tmp/bench-out}; mkdir -p "$out"
-code=.
-[ -f benchmarks/bench_engine.py ] || code=$x/code
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-bench() { python3 "$code/benchmarks/bench_engine.py" --model base "$@" 2>&1 | grep -v '^INFO'; }
-long=$x/audio/longform
+archive=/tmp/archive
+[ -f $archive/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $archive --tilings ${TILINGS:-9}
 case "$mode" in
-  main)
-    bench --audio $long/english_read_mix_concat.flac --repeat 3 --json-out "$out/gpu_base_30min.json"
+  archive)
+    python3 benchmarks/bench_archive.py --archive $archive --model base --lone ${LONE:-30,45,60,90} \
+      --json-out "$out/gpu_archive.json" 2>&1 | grep -v '^INFO' | tee "$out/gpu_archive.log"
     ;;
-  extra)
-    bench --audio $long/ljspeech_LJ001-0001_to_0032_concat.wav --json-out "$out/gpu_base_ljspeech.json"
-    bench --audio $long/english_read_mix_concat.flac --runs 1 --methods engine --word-timing \
-      --long-s 10800 --clips $x/audio --clips-count 200 --json-out "$out/gpu_base_words_long_clips.json"
+  run)
+    python3 benchmarks/bench_run.py --archive $archive --model base --compare "${COMPARE:-$out/gpu_archive.json}" \
+      --json-out "$out/gpu_run.json" 2>&1 | tee "$out/gpu_run.log"
     ;;
-  *) echo "usage: $0 main|extra" >&2; exit 2 ;;
+  *) echo "usage: $0 archive|run" >&2; exit 2 ;;
 esac

@@ -1,0 +1,286 @@
+"""Archive mode against sequential Whisper, file by file, on the same arrays and the same weights.
+
+    .venv/bin/python benchmarks/build_archive.py --out /tmp/archive --tilings 9
+    .venv/bin/python benchmarks/bench_archive.py --archive /tmp/archive --model base --json-out gpu_archive.json
+
+Methods (``--methods``): seq and seq-words (mlx_whisper.transcribe on each file in turn, default
+options, without and with word timestamps), engine and engine-words (one engine session, every
+file submitted at once: files are the batch rows). Each method gets one warm-up on a short file.
+Reported, per method: x real time (all the archive's audio / wall time, the model loaded),
+WER per set (a long file's pieces joined in order against its reference) and overall; for
+the engine, how far its text is from sequential's (the sequential text as the reference:
+the share of words that differ) and how far its word starts are from sequential's.
+
+``--lone`` also runs each English long file alone through the engine, with
+``--min-region-s`` values (the shortest stretch a lone file is cut into to fill idle rows),
+against sequential on that file (from the archive run).
+
+A script that prints numbers, not a test. Needs jiwer and whisper-normalizer
+(benchmarks/install_bench_deps.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import engine  # noqa: E402,F401  (OpenBLAS before mlx.core)
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench_engine import drop_models, write_weights_folder  # noqa: E402
+from compare_words import pair_words  # noqa: E402
+from engine.audio import SAMPLE_RATE, load_audio  # noqa: E402
+
+METHODS = ("seq", "seq-words", "engine", "engine-words")
+NO_SPACE = {"zh", "ja", "ko", "th"}  # scored by characters
+
+
+# ---------------------------------------------------------------- text
+
+
+def _normalise(text: str, language: str) -> list[str]:
+    if language == "en":
+        from whisper_normalizer.english import EnglishTextNormalizer
+
+        words = EnglishTextNormalizer()(text).split()
+    else:
+        from whisper_normalizer.basic import BasicTextNormalizer
+
+        norm = BasicTextNormalizer()(text)
+        words = list(norm.replace(" ", "")) if language in NO_SPACE else norm.split()
+    return words
+
+
+def errors(reference: str, hypothesis: str, language: str) -> tuple[int, int]:
+    """(word errors, reference words) after Whisper's normaliser."""
+    import jiwer
+
+    ref, hyp = _normalise(reference, language), _normalise(hypothesis, language)
+    if not ref:
+        return len(hyp), 0
+    out = jiwer.process_words(" ".join(ref), " ".join(hyp) or "<empty>")
+    return out.substitutions + out.deletions + out.insertions, len(ref)
+
+
+def set_wer(manifest: dict, texts: dict[str, str], names) -> tuple[float, int, int]:
+    """Corpus WER over the sets named: each set's files joined in order against its reference."""
+    err = n = 0
+    for name in names:
+        s = manifest["sets"][name]
+        hyp = " ".join(texts[p] for p in s["files"])
+        e, r = errors(s["reference"], hyp, s["language"])
+        err, n = err + e, n + r
+    return (err / n if n else float("nan")), err, n
+
+
+# ---------------------------------------------------------------- methods
+
+
+def run_sequential(audios: dict[str, np.ndarray], languages: dict[str, str], folder: Path, fp16: bool, words: bool, multilingual: bool):
+    import mlx_whisper
+
+    out, wall = {}, 0.0
+    for path, audio in audios.items():
+        t0 = time.perf_counter()
+        r = mlx_whisper.transcribe(audio, path_or_hf_repo=str(folder), fp16=fp16, word_timestamps=words,
+                                   language=None if multilingual else "en")
+        took = time.perf_counter() - t0
+        wall += took
+        out[path] = {
+            "wall_s": took,
+            "text": r["text"],
+            "language": r["language"],
+            "words": [(w["word"], float(w["start"]), float(w["end"])) for s in r["segments"] for w in s.get("words", [])],
+        }
+    return out, wall
+
+
+def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batch_size: int, min_region_s: float | None):
+    from engine.options import EngineOptions
+    from engine.session import MIN_REGION_S, Session
+
+    session = Session(model_name, batch_size=batch_size, min_region_s=min_region_s or MIN_REGION_S)
+    options = EngineOptions(word_timestamps=words)
+    try:
+        t0 = time.perf_counter()
+        futures = {p: session.submit(a, options=options, key=p) for p, a in audios.items()}
+        session.run_until_done(list(futures.values()))
+        wall = time.perf_counter() - t0
+    finally:
+        session.close()
+    out = {}
+    for path, f in futures.items():
+        t = f.result()
+        out[path] = {
+            "text": t.text,
+            "language": t.language,
+            "words": [(w.word, w.start_s, w.end_s) for s in t.segments for w in s.words],
+        }
+    stats = session.stats
+    return out, wall, {"rows": session.batch_size, "rounds": stats.rounds, "windows": stats.windows,
+                       "redecoded": stats.redecoded, "splits": stats.splits}
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def exactness(manifest: dict, engine_out: dict, seq_out: dict) -> dict:
+    """The engine's text scored against sequential's: the share of words that differ, overall and worst files."""
+    langs = {f["path"]: f["language"] for f in manifest["files"]}
+    err = n = 0
+    per_file = []
+    for path, s in seq_out.items():
+        e, r = errors(s["text"], engine_out[path]["text"], langs[path])
+        err, n = err + e, n + r
+        per_file.append((e / r if r else float(e > 0), path))
+    per_file.sort(reverse=True)
+    return {
+        "words_differ_percent": round(100 * err / max(1, n), 3),
+        "files_identical": sum(1 for x, _ in per_file if x == 0),
+        "files": len(per_file),
+        "worst": [(p, round(100 * x, 2)) for x, p in per_file[:5]],
+    }
+
+
+def word_starts(seq_out: dict, engine_out: dict, paths=None) -> dict:
+    diffs, n_ref = [], 0
+    for path in paths or seq_out:
+        pairs, n = pair_words(seq_out[path]["words"], engine_out[path]["words"])
+        diffs += [abs(a[1] - b[1]) for a, b in pairs]
+        n_ref += n
+    if not diffs:
+        return {}
+    return {
+        "paired_fraction": round(len(diffs) / max(1, n_ref), 4),
+        "median_ms": round(1000 * float(np.median(diffs)), 1),
+        "p95_ms": round(1000 * float(np.percentile(diffs, 95)), 1),
+    }
+
+
+def wer_table(manifest: dict, texts: dict[str, str]) -> dict:
+    en_sets = [k for k, s in manifest["sets"].items() if s["language"] == "en"]
+    out = {}
+    for long_file in ("mix", "read2"):
+        names = [k for k in en_sets if manifest["sets"][k].get("long_file") == long_file]
+        out[f"{long_file}-pieces"] = round(100 * set_wer(manifest, texts, names)[0], 2)
+    for name in ("mix-whole", "read2-whole", "lj-whole"):
+        out[name] = round(100 * set_wer(manifest, texts, [name])[0], 2)
+    clips = [k for k in en_sets if k.startswith("clip-")]
+    out["en-clips"] = round(100 * set_wer(manifest, texts, clips)[0], 2)
+    out["overall-en"] = round(100 * set_wer(manifest, texts, en_sets)[0], 2)
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archive", type=Path, required=True, help="a folder made by build_archive.py")
+    ap.add_argument("--model", default="tiny.en")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--batch-size", type=int, default=0)
+    ap.add_argument("--min-region-s", type=float, default=None, help="engine.session.MIN_REGION_S for the archive run")
+    ap.add_argument("--lone", default="", help="comma-separated min-region lengths for the lone long-file runs")
+    ap.add_argument("--limit-files", type=int, default=0, help="only the first N files (a quick look)")
+    ap.add_argument("--json-out", type=Path)
+    args = ap.parse_args()
+
+    from engine.holder import device_name, get_model
+
+    manifest = json.loads((args.archive / "manifest.json").read_text())
+    loaded = get_model(args.model)
+    if not loaded.is_multilingual:
+        manifest["files"] = [f for f in manifest["files"] if f["language"] == "en"]
+        manifest["sets"] = {k: s for k, s in manifest["sets"].items() if s["language"] == "en"}
+    files = manifest["files"][: args.limit_files or None]
+    audios = {f["path"]: load_audio(args.archive / f["path"]) for f in files}
+    languages = {f["path"]: f["language"] for f in files}
+    audio_s = sum(len(a) for a in audios.values()) / SAMPLE_RATE
+    fp16 = mx.default_device() == mx.gpu
+    folder = write_weights_folder(loaded.path, Path(tempfile.mkdtemp()), mx.float16 if fp16 else mx.float32)
+    warm = {"warm": next(iter(audios.values()))[: 40 * SAMPLE_RATE]}  # loads the model, compiles kernels
+    print(f"{len(audios)} files, {audio_s / 3600:.2f} h, model {args.model} ({'float16' if fp16 else 'float32'}), {device_name()}", flush=True)
+
+    results: dict = {"device": device_name(), "platform": platform.platform(), "model": args.model, "files": len(audios),
+                     "audio_s": round(audio_s, 1), "methods": {}}
+    outputs: dict = {}
+    for method in args.methods.split(","):
+        drop_models()
+        words = method.endswith("words")
+        extra = {}
+        if method.startswith("seq"):
+            run_sequential(warm, {"warm": "en"}, folder, fp16, words, loaded.is_multilingual)
+            mx.reset_peak_memory()
+            out, wall = run_sequential(audios, languages, folder, fp16, words, loaded.is_multilingual)
+        else:
+            run_engine(warm, args.model, words, args.batch_size, args.min_region_s)
+            mx.reset_peak_memory()
+            out, wall, extra = run_engine(audios, args.model, words, args.batch_size, args.min_region_s)
+        outputs[method] = out
+        row = {"x_real_time": round(audio_s / wall, 1), "wall_s": round(wall, 2),
+               "peak_gib": round(mx.get_peak_memory() / 2**30, 2), **extra}
+        if len(audios) == len(manifest["files"]):
+            row["wer"] = wer_table(manifest, {p: o["text"] for p, o in out.items()})
+        results["methods"][method] = row
+        print(method, json.dumps(row), flush=True)
+
+    for eng, seq in (("engine", "seq"), ("engine-words", "seq-words")):
+        if eng in outputs and seq in outputs:
+            cmp = {"exactness": exactness(manifest, outputs[eng], outputs[seq]),
+                   "speedup": round(results["methods"][eng]["x_real_time"] / results["methods"][seq]["x_real_time"], 2)}
+            if eng.endswith("words"):
+                cmp["word_starts_vs_sequential"] = word_starts(outputs[seq], outputs[eng])
+            results[f"{eng}_vs_{seq}"] = cmp
+            print(f"{eng} vs {seq}", json.dumps(cmp), flush=True)
+
+    if args.lone:
+        results["lone"] = lone_runs(args, manifest, audios, outputs, [float(x) for x in args.lone.split(",")])
+
+    if args.json_out:
+        results["texts"] = {m: {p: o["text"] for p, o in out.items()} for m, out in outputs.items()}
+        args.json_out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+
+
+def lone_runs(args, manifest: dict, audios: dict, outputs: dict, lengths: list[float]) -> list[dict]:
+    """Each English long file alone: the engine cuts it to fill idle rows, never below min_region_s."""
+    rows = []
+    for name in ("mix-whole", "read2-whole"):
+        [path] = manifest["sets"][name]["files"]
+        one = {path: audios[path]}
+        seconds = len(audios[path]) / SAMPLE_RATE
+        for words in (False, True):
+            seq = outputs.get("seq-words" if words else "seq")
+            if seq is not None:
+                seq_wer = set_wer(manifest, {path: seq[path]["text"]}, [name])[0]
+            for min_region_s in lengths:
+                walls, out = [], None
+                for _ in range(3):
+                    out, wall, extra = run_engine(one, args.model, words, args.batch_size, min_region_s)
+                    walls.append(wall)
+                wall = statistics.median(walls)
+                row = {"file": name, "words": words, "min_region_s": min_region_s, "x_real_time": round(seconds / wall, 1),
+                       "wer": round(100 * set_wer(manifest, {path: out[path]["text"]}, [name])[0], 2), **extra}
+                if seq is not None:
+                    row["sequential_wer"] = round(100 * seq_wer, 2)
+                    row["sequential_x_real_time"] = round(seconds / seq[path]["wall_s"], 1)
+                    row["speedup"] = round(seq[path]["wall_s"] / wall, 2)
+                    if words:
+                        row["word_starts_vs_sequential"] = word_starts(seq, out, [path])
+                rows.append(row)
+                print("lone", json.dumps(row), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
