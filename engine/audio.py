@@ -91,7 +91,7 @@ def _av_open(path: Path) -> Iterator:
 
     name = _fs_name(path)
     with open(name, "rb") if isinstance(name, bytes) else nullcontext(name) as source:
-        with av.open(source, metadata_errors="ignore") as container:
+        with av.open(source) as container:
             yield container
 
 

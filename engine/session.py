@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 
-from archive_asr.records import Timing, Transcript
+from archive_asr.records import Segment, Timing, Transcript
 from engine import holder, words
 from engine.decode import TokenRules, WindowResult, decode_batch
 from engine.encode import encode
@@ -53,6 +53,7 @@ QUIET_SPAN_FRAMES = 30  # 0.3 s: a cut point's quietness is the mean level aroun
 CUT_SEARCH_S = 5.0  # a cut is searched this far either side of the middle of what remains
 CUT_SLACK = 1.2  # stretches planned 20 % over the minimum, so each cut has room to find a quiet point
 SPLIT_GRACE_S = 0.5
+JOIN_TOLERANCE_S = 0.3  # where two rows meet, a word starting this much before the first's end is the same word
 MAX_PREPARE_THREADS = 8  # a worker's next files may be on their way: wait this long before cutting one
 
 
@@ -283,7 +284,10 @@ class Session:
     def _round(self, rows: list[Row]) -> None:
         live, mels, sizes = [], [], []
         for r in rows:
-            mel, size = r.file.mel.window(r.seek, r.end_frame)
+            # A row cut off before the file's end still reads a whole 30 s window past its cut, as
+            # sequential Whisper would there (a short window of zeros invites a false "silence"
+            # and invented text); only segments that start before the cut are kept (engine.rows).
+            mel, size = r.file.mel.window(r.seek, r.file.mel.content_frames)
             if r.file.mel.flat[r.seek : r.seek + size].all():
                 r.file.frames_done += size
                 r.seek += size  # digital silence: nothing to decode
@@ -417,8 +421,30 @@ class Session:
                 f.mel.close()
 
 
+def join_rows(entries: list[tuple[Segment, str, int]]) -> list[tuple[Segment, str]]:
+    """A file's kept segments in time order, with what two rows both transcribed kept once.
+
+    A row keeps the segments that start before its cut, and the last of them may run past it into
+    the next row's stretch; there the next row's words that start before that end are dropped
+    (without words, a segment of the next row that ends within a second of it)."""
+    out: list[tuple[Segment, str, int]] = []
+    for seg, raw, row in sorted(entries, key=lambda e: e[0].start_s):
+        if out and row != out[-1][2] and seg.start_s < out[-1][0].end_s - JOIN_TOLERANCE_S:
+            prev_end = out[-1][0].end_s
+            if seg.words:
+                kept = [w for w in seg.words if w.start_s >= prev_end - JOIN_TOLERANCE_S]
+                if not kept:
+                    continue
+                raw = "".join(w.word for w in kept)
+                seg = replace(seg, start_s=kept[0].start_s, text=raw.strip(), words=tuple(kept))
+            elif seg.end_s <= prev_end + 1.0:
+                continue
+        out.append((seg, raw, row))
+    return [(seg, raw) for seg, raw, _ in out]
+
+
 def build_transcript(f: FileState, model_name: str, batch_size: int, device: str) -> Transcript:
-    entries = sorted(f.segments, key=lambda e: e[0].start_s)
+    entries = join_rows(f.segments)
     segments = tuple(seg for seg, _ in entries)
     if segments and f.options.word_timestamps:
         segments = words.finalize_words(segments)
