@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     model: str = DEFAULT_MODEL
     # Windows per batch; 0 means chosen from the device's memory.
     batch_size: int = Field(default=0, ge=0)
+    # Cut a long file into stretches of at least this many seconds to fill batch rows that would
+    # idle (a lone file, the tail of a queue); 0 = never: every transcript is sequential Whisper's.
+    min_region_s: float = Field(default=0.0, ge=0.0)
     # Seconds a running job's lease lasts without renewal before the reconciler takes it back.
     lease_s: int = Field(default=20, ge=5)
     # Attempts before a job that keeps failing on transient errors is marked failed.

@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny.en")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--batch-size", type=int, default=0)
-    ap.add_argument("--min-region-s", type=float, default=None, help="engine.session.MIN_REGION_S for the archive run")
+    ap.add_argument("--min-region-s", type=float, default=None, help="cut files to fill idle rows, stretches of at least this (default: never)")
     ap.add_argument("--lone", default="", help="comma-separated min-region lengths for the lone long-file runs")
     ap.add_argument("--limit-files", type=int, default=0, help="only the first N files (a quick look)")
     ap.add_argument("--sequential-from", type=Path, help="reuse the sequential outputs of an earlier --json-out")

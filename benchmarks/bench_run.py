@@ -67,7 +67,13 @@ def main() -> None:
         "LEFT JOIN transcripts t ON t.job_id = j.id"
     ).fetchall()
     base = str(args.archive.resolve()) + "/"
-    texts = {path.removeprefix(base): text or "" for path, _, _, _, text, _ in rows}
+    # every path holding a job's content (the same recording at two paths is transcribed once)
+    texts = {
+        path.removeprefix(base): text or ""
+        for path, text in db.execute(
+            "SELECT f.path, t.text FROM files f JOIN jobs j ON j.sha256 = f.sha256 JOIN transcripts t ON t.job_id = j.id"
+        )
+    }
     status = {}
     for _, s, *_ in rows:
         status[s] = status.get(s, 0) + 1

@@ -14,7 +14,9 @@ decodes, and scipy's FFT releases the GIL.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import tempfile
 from collections import deque
 from dataclasses import dataclass
@@ -41,7 +43,20 @@ class FileMel:
     max_log10: float  # maximum over every frame sequential Whisper's clamp sees
     energy: np.ndarray  # (content_frames,) mean log10 per frame: where the quiet points are
     flat: np.ndarray  # (content_frames,) bool: the frame is digital silence (at the floor in every band)
-    store: object | None = None  # the temporary file behind a memory-mapped log10
+    store_path: str | None = None  # the temporary file behind a memory-mapped log10 (deleted by close)
+
+    def __getstate__(self) -> dict:
+        """Pickled (from a preparing process) without the mapped frames: the receiver maps the file."""
+        state = dict(self.__dict__)
+        if self.store_path is not None:
+            state["log10"] = (self.log10.shape, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if state.get("store_path") is not None:
+            shape, _ = state["log10"]
+            state["log10"] = np.memmap(state["store_path"], dtype=np.float32, mode="r", shape=shape)
+        self.__dict__.update(state)
 
     def _normalised(self, frames: np.ndarray) -> np.ndarray:
         return (np.maximum(frames, self.max_log10 - DYNAMIC_RANGE) + 4.0) / 4.0
@@ -61,9 +76,11 @@ class FileMel:
         return self._normalised(self.log10[:N_FRAMES])
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        if self.store_path is not None:
+            self.log10 = np.zeros((0, self.log10.shape[1]), np.float32)
+            with contextlib.suppress(OSError):
+                os.unlink(self.store_path)
+            self.store_path = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,7 +179,7 @@ def file_mel(chunks: Iterable[np.ndarray], n_mels: int = 80) -> FileMel:
         queue.drop(n * HOP_LENGTH)
         emitted += n
         if store is None and emitted > IN_MEMORY_FRAMES:
-            store = tempfile.TemporaryFile(prefix="archive-asr-mel-")
+            store = tempfile.NamedTemporaryFile(prefix="archive-asr-mel-", delete=False)
         if store is not None:  # a long file: its frames go to disk as they come
             for b in blocks:
                 store.write(b.tobytes())
@@ -188,8 +205,8 @@ def file_mel(chunks: Iterable[np.ndarray], n_mels: int = 80) -> FileMel:
         emit(min(BLOCK_FRAMES, total - emitted))  # peek pads with zeros past the signal
 
     if store is not None:
-        store.flush()
-        log10 = np.memmap(store, dtype=np.float32, mode="r", shape=(emitted, n_mels))
+        store.close()
+        log10 = np.memmap(store.name, dtype=np.float32, mode="r", shape=(emitted, n_mels))
     else:
         log10 = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     top = np.concatenate(peak)
@@ -200,5 +217,5 @@ def file_mel(chunks: Iterable[np.ndarray], n_mels: int = 80) -> FileMel:
         max_log10=float(top[: content + 2].max()),
         energy=np.concatenate(energy)[:content],
         flat=flat[:content],
-        store=store,
+        store_path=store.name if store is not None else None,
     )

@@ -43,7 +43,7 @@ class FileState:
     open_rows: int = 0
     busy_s: float = 0.0  # its share of the device rounds it took part in
     frames_done: int = 0  # progress: frames its rows have moved past
-    segments: list[tuple[Segment, str, int]] = field(default_factory=list)  # (kept segment, raw text, its row's start_frame)
+    segments: list[tuple[Segment, str]] = field(default_factory=list)  # (kept segment, raw text)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -161,13 +161,10 @@ def advance(row: Row, r: WindowResult, size: int, pieces: list[Piece], ts_begin:
     row.file.frames_done += min(row.seek, row.end_frame) - previous
 
     audio_end_s = time_offset_s + size * HOP_LENGTH / SAMPLE_RATE  # past this the window is padding
-    cut_s = row.end_frame / FRAMES_PER_SECOND if row.end_frame < row.file.mel.content_frames else None
     for p in pieces:
         seg = p.segment
         if seg.start_s == seg.end_s or not p.raw.strip():
             continue  # mlx_whisper clears such a segment: no text, no prompt tokens
-        if cut_s is not None and seg.start_s >= cut_s:
-            continue  # past this row's cut: the next row transcribes it
         row.prompt.extend(p.tokens)
         if _kept(seg, p.raw, o, audio_end_s):
             end_s = min(seg.end_s, audio_end_s)
@@ -181,7 +178,7 @@ def advance(row: Row, r: WindowResult, size: int, pieces: list[Piece], ts_begin:
                 temperature=seg.temperature,
                 words=seg.words,
             )
-            row.file.segments.append((kept, p.raw, row.start_frame))
+            row.file.segments.append((kept, p.raw))
     row.prompt = row.prompt[-(n_text_ctx // 2 - 1) :]  # all Whisper ever reads of it
     if not o.condition_on_previous_text or r.temperature > 0.5:
         row.prompt = []  # a hot fallback's text is no good as a prompt

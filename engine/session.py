@@ -18,11 +18,12 @@ mlx-lm's BatchGenerator and vLLM's LLMEngine are the model: callers only submit 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,7 +33,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 
-from archive_asr.records import Segment, Timing, Transcript
+from archive_asr.records import Timing, Transcript
 from engine import holder, words
 from engine.decode import TokenRules, WindowResult, decode_batch
 from engine.encode import encode
@@ -45,15 +46,19 @@ from engine.rows import FileState, Piece, Row, advance, is_silence, needs_fallba
 
 log = logging.getLogger(__name__)
 
-# A file is cut only into stretches at least this long (seconds). Each cut starts a stretch with no
-# previous text, the one place where a batch differs from sequential Whisper. Measured on both
-# English long files (README, "A lone long file"): see benchmarks/bench_engine.py --min-region-s.
-MIN_REGION_S = 60.0
+# A file is cut to fill idle rows only into stretches at least this long (seconds); None: never.
+# Each cut starts a stretch with no previous text, the one place where a batch differs from
+# sequential Whisper, and where the cut falls moves WER by about a point on one file. Measured
+# (H100, base float16, each English long file alone, WER against sequential's 7.42 / 8.15 %,
+# words on 7.63 / 7.72 %; README "A lone long file"): 30 s +0.14 / +1.95 (on +0.00 / +2.89),
+# 45 s +0.35 / +0.08, 90 s +0.70 / +0.51, 120 s -0.21 / +0.34 (on 0.00 / +1.28), 180 s -0.14 /
+# +0.08 (on +0.07 / +0.34): no length keeps both files within +0.3, so by default a file is never
+# cut and every transcript is sequential Whisper's. ARCHIVE_ASR_MIN_REGION_S turns cutting on.
+MIN_REGION_S: float | None = None
 QUIET_SPAN_FRAMES = 30  # 0.3 s: a cut point's quietness is the mean level around it
 CUT_SEARCH_S = 5.0  # a cut is searched this far either side of the middle of what remains
 CUT_SLACK = 1.2  # stretches planned 20 % over the minimum, so each cut has room to find a quiet point
 SPLIT_GRACE_S = 0.5
-JOIN_TOLERANCE_S = 0.3  # where two rows meet, a word starting this much before the first's end is the same word
 MAX_PREPARE_THREADS = 8  # a worker's next files may be on their way: wait this long before cutting one
 
 
@@ -89,7 +94,8 @@ class Session:
         *,
         batch_size: int = 0,
         options: EngineOptions = EngineOptions(),
-        min_region_s: float = MIN_REGION_S,
+        min_region_s: float | None = MIN_REGION_S,
+        prepare_processes: bool = False,
         prepare_threads: int = 0,
     ):
         self.loaded = holder.get_model(model_name)
@@ -100,7 +106,7 @@ class Session:
         )
         log_plan(plan)
         self.batch_size = plan.batch_size
-        self.min_region_frames = int(min_region_s * FRAMES_PER_SECOND)
+        self.min_region_frames = int(min_region_s * FRAMES_PER_SECOND) if min_region_s else None
         base = self.loaded.tokenizer(language=None if not self.loaded.is_multilingual else "en")
         self.rules = TokenRules(base, self.loaded.dims.n_vocab, options)
         self.device = holder.device_name()
@@ -109,6 +115,11 @@ class Session:
         # it (an H100 transcribes ~1,000 s of audio a second), so use most cores, leaving one.
         threads = prepare_threads or max(2, min(MAX_PREPARE_THREADS, (os.cpu_count() or 2) - 1))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
+        # Decoders hold the GIL frame by frame (an Opus file is 50 Python-level frames a second):
+        # a worker decodes in processes, as many as the threads, so decoding keeps up with a GPU.
+        self._processes = (
+            ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn")) if prepare_processes else None
+        )
         self._cond = threading.Condition()
         self._waiting: deque[FileState] = deque()  # prepared, waiting for a row
         self._preparing = 0  # submitted, not yet prepared
@@ -151,7 +162,10 @@ class Session:
         try:
             if on_start is not None:
                 on_start()
-            p = prepare(item, self.loaded.dims.n_mels)
+            if self._processes is not None and isinstance(item, (str, Path)):
+                p = self._processes.submit(prepare, item, self.loaded.dims.n_mels).result()
+            else:
+                p = prepare(item, self.loaded.dims.n_mels)
             state.mel, state.audio_s, state.decoded_s, state.warnings = p.mel, p.audio_s, p.decoded_s, p.warnings
             with self._cond:
                 self.stats.files += 1
@@ -210,6 +224,8 @@ class Session:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)
         for row in self._rows:
             if row.file.mel is not None:
                 row.file.mel.close()
@@ -267,7 +283,7 @@ class Session:
                 and not self._preparing
                 and time.monotonic() - self._last_submit >= self.split_grace_s
             )
-        while may_split and len(self._rows) < self.batch_size:
+        while may_split and self.min_region_frames and len(self._rows) < self.batch_size:
             row = pick_row_to_split(self._rows, self.min_region_frames)
             if row is None:
                 break
@@ -284,10 +300,7 @@ class Session:
     def _round(self, rows: list[Row]) -> None:
         live, mels, sizes = [], [], []
         for r in rows:
-            # A row cut off before the file's end still reads a whole 30 s window past its cut, as
-            # sequential Whisper would there (a short window of zeros invites a false "silence"
-            # and invented text); only segments that start before the cut are kept (engine.rows).
-            mel, size = r.file.mel.window(r.seek, r.file.mel.content_frames)
+            mel, size = r.file.mel.window(r.seek, r.end_frame)
             if r.file.mel.flat[r.seek : r.seek + size].all():
                 r.file.frames_done += size
                 r.seek += size  # digital silence: nothing to decode
@@ -421,30 +434,8 @@ class Session:
                 f.mel.close()
 
 
-def join_rows(entries: list[tuple[Segment, str, int]]) -> list[tuple[Segment, str]]:
-    """A file's kept segments in time order, with what two rows both transcribed kept once.
-
-    A row keeps the segments that start before its cut, and the last of them may run past it into
-    the next row's stretch; there the next row's words that start before that end are dropped
-    (without words, a segment of the next row that ends within a second of it)."""
-    out: list[tuple[Segment, str, int]] = []
-    for seg, raw, row in sorted(entries, key=lambda e: e[0].start_s):
-        if out and row != out[-1][2] and seg.start_s < out[-1][0].end_s - JOIN_TOLERANCE_S:
-            prev_end = out[-1][0].end_s
-            if seg.words:
-                kept = [w for w in seg.words if w.start_s >= prev_end - JOIN_TOLERANCE_S]
-                if not kept:
-                    continue
-                raw = "".join(w.word for w in kept)
-                seg = replace(seg, start_s=kept[0].start_s, text=raw.strip(), words=tuple(kept))
-            elif seg.end_s <= prev_end + 1.0:
-                continue
-        out.append((seg, raw, row))
-    return [(seg, raw) for seg, raw, _ in out]
-
-
 def build_transcript(f: FileState, model_name: str, batch_size: int, device: str) -> Transcript:
-    entries = join_rows(f.segments)
+    entries = sorted(f.segments, key=lambda e: e[0].start_s)
     segments = tuple(seg for seg, _ in entries)
     if segments and f.options.word_timestamps:
         segments = words.finalize_words(segments)
