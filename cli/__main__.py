@@ -2,4 +2,5 @@
 
 from cli import main
 
-main(prog_name="archive-asr")
+if __name__ == "__main__":  # not again in a spawned child process (a worker's audio decoders)
+    main(prog_name="archive-asr")
