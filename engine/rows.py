@@ -153,9 +153,7 @@ def advance(row: Row, r: WindowResult, size: int, pieces: list[Piece], ts_begin:
     if words:
         last_end = last_speech_end(pieces)
         if not single_ending and last_end is not None and last_end > time_offset_s:
-            # mlx_whisper seeks to the last word's end; never past where the timestamps led (one
-            # word aligned 20 s too late, in float16, made a window's worth of speech vanish)
-            row.seek = min(round(last_end * FRAMES_PER_SECOND), row.seek)
+            row.seek = round(last_end * FRAMES_PER_SECOND)
         if last_end is not None:
             row.last_speech_s = last_end
     if row.seek <= previous:  # never loop on one spot

