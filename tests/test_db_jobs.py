@@ -22,7 +22,7 @@ from models.jobs import (
     retry_job,
     transition,
 )
-from models.tables import Job, JobStatus, Segment, Transcript, Word, job_key
+from models.tables import File, Job, JobStatus, Segment, Transcript, Word, job_key
 from tests.fixtures_db import db_url, make_transcript  # noqa: F401
 
 
@@ -33,6 +33,8 @@ def add_job(session, name: str = "a.wav", priority: int = 0) -> int:
               sha256=sha, model="tiny.en", language="en", word_timestamps=True, priority=priority,
               status=JobStatus.QUEUED, attempts=0)
     session.add(job)
+    # the file on disk that holds this content, as enqueue records it (search finds current files)
+    session.add(File(path=job.path, path_bytes=job.path_bytes, size=10, mtime_ns=0, sha256=sha))
     session.flush()
     return job.id
 
@@ -103,7 +105,9 @@ def test_fail_retries_until_the_attempt_cap(db_url, monkeypatch):
         job_id = add_job(s)
     for attempt, expected in [(1, JobStatus.QUEUED), (2, JobStatus.FAILED)]:
         with session_scope() as s:
-            assert claim_job(session=s, job_id=job_id, worker_host="mac-1", lease_s=30).attempts == attempt
+            assert claim_job(session=s, job_id=job_id, worker_host="mac-1", lease_s=30)
+            assert start_attempt(session=s, job_id=job_id, worker_host="mac-1")
+            assert s.get(Job, job_id, populate_existing=True).attempts == attempt
             assert fail_job(session=s, job_id=job_id, error="broker unreachable", retryable=True) == expected
     with session_scope() as s:
         job = s.get(Job, job_id)
@@ -152,4 +156,4 @@ def test_racing_claims_have_exactly_one_winner(db_url):
     assert sum(wins) == 1
     with session_scope() as s:
         job = s.get(Job, job_id)
-        assert job.attempts == 1 and job.worker_host == f"host-{wins.index(True)}"
+        assert job.attempts == 0 and job.worker_host == f"host-{wins.index(True)}"  # claimed, not begun

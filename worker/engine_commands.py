@@ -46,40 +46,48 @@ def _batch_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (one per line).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or log messages on stderr.")
 def transcribe(files: tuple[Path, ...], model: str | None, batch_size: int, language: str | None, words: bool, as_json: bool, quiet: bool) -> None:
-    """Transcribe audio files with the batched engine and print the transcripts (no queue, no database)."""
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Transcribe audio files together with the batched engine and print the transcripts (no queue, no database)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _warn_blas()
-    try:
-        from engine.transcribe import transcribe_file
-    except ImportError as e:
-        raise click.ClickException(f"the batched engine is not available ({e})") from e
-    from engine.errors import AudioDecodeError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from engine.options import EngineOptions
+    from engine.transcribe import transcribe_many
 
     options = EngineOptions(language=language, word_timestamps=words, batch_size=batch_size)
     model_name = model or get_settings().model
-    failed = 0
-    for path in files:
+    progress = Progress(TextColumn("transcribing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        disable=quiet, transient=True)
+    with progress:
+        bar = progress.add_task("files", total=len(files))
         try:
-            transcript = transcribe_file(path, model_name=model_name, options=options)
-        except AudioDecodeError as e:
-            # one bad file fails alone; the others go on
-            failed += 1
-            click.echo(f"error: {e}", err=True)
-            if as_json:
-                click.echo(json.dumps({"path": str(path), "error": str(e)}))
-            continue
-        except (ArchiveAsrError, ValueError) as e:
+            # every file in one session: files are the batch rows, each decoded as sequential Whisper
+            results = transcribe_many(list(files), model_name=model_name, options=options, return_exceptions=True,
+                                      on_done=lambda _i, _r: progress.advance(bar))
+        except ArchiveAsrError as e:  # the model would not load, an English-only model asked for German
             raise click.ClickException(str(e)) from e
-        if as_json:
-            click.echo(json.dumps(transcript.to_json(str(path)), ensure_ascii=False))
+    failed = 0
+    for path, result in zip(files, results):
+        if isinstance(result, BaseException):
+            if not isinstance(result, ArchiveAsrError):
+                raise result
+            failed += 1  # one bad file fails alone; the others go on
+            message = str(result).removeprefix(f"{path}: ")
+            click.echo(f"error: {path}: {message}", err=True)
+            if as_json:
+                click.echo(json.dumps({"path": str(path), "error": message}))
             continue
-        t = transcript.timing
-        language_note = transcript.language or "language undetermined"
-        click.echo(f"# {path} ({transcript.duration_s:.1f} s, {language_note}, {t.real_time_factor:.1f}x real time, batch {t.batch_size}, {t.device})")
-        for s in transcript.segments:
-            click.echo(f"[{_timestamp(s.start_s)} --> {_timestamp(s.end_s)}] {s.text.strip()}")
-        if not transcript.segments:
+        if as_json:
+            click.echo(json.dumps(result.to_json(str(path)), ensure_ascii=False))
+            continue
+        t = result.timing
+        language_note = result.language or "language undetermined"
+        click.echo(f"# {path} ({result.duration_s:.1f} s, {language_note}, batch {t.batch_size}, {t.device})")
+        for warning in result.warnings:
+            click.echo(f"# warning: {warning}")
+        for seg in result.segments:
+            click.echo(f"[{_timestamp(seg.start_s)} --> {_timestamp(seg.end_s)}] {seg.text.strip()}")
+        if not result.segments:
             click.echo("(no speech)")
     if failed:
         sys.exit(1)
