@@ -3,9 +3,10 @@
 Builds the long file by concatenating the 10-minute benchmark file (16-bit WAV in a temp folder),
 then runs each method in a fresh process and prints its peak RSS and MLX peak memory:
 
-  stream      engine.audio.iter_audio -> engine.mel.iter_log_mel, blocks consumed and dropped
+  stream      engine.audio.iter_audio -> engine.mel.file_mel: blocks computed as the audio streams in,
+              held in RAM up to an hour of frames, in a memory-mapped temporary file beyond
               (what a long job does: memory should not depend on the length)
-  log_mel     engine.audio.load_audio, then engine.mel.log_mel on the whole array
+  log_mel     engine.audio.load_audio, then engine.mel.file_mel on the whole array
               (audio and mel held; only the intermediates are bounded)
   mlx_whisper load_audio, then mlx_whisper.audio.log_mel_spectrogram on the whole array
 
@@ -48,21 +49,20 @@ def measure(method: str, path: str) -> dict:
     import mlx.core as mx
 
     from engine.audio import iter_audio, load_audio
-    from engine.mel import iter_log_mel, log_mel
+    from engine.mel import file_mel
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     frames = 0
     if method == "stream":
-        checksum = 0.0
-        for block in iter_log_mel(iter_audio(path, chunk_s=30.0)):
-            frames += block.shape[0]
-            checksum += float(block[:, 0].sum())  # use each block, then let it go
+        fm = file_mel(iter_audio(path, chunk_s=30.0))
+        frames = fm.content_frames
+        fm.close()
     elif method == "log_mel":
-        mel = log_mel(load_audio(path))
-        mx.eval(mel)
-        frames = mel.shape[0]
+        fm = file_mel([load_audio(path)])
+        frames = fm.content_frames
+        fm.close()
     elif method == "mlx_whisper":
         from mlx_whisper.audio import log_mel_spectrogram
 

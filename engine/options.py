@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class EngineOptions:
-    # Language of the audio ("en", "de", ...); None = detect it per file from windows with speech.
+    # Language of the audio ("en", "de", ...); None = detect it per file from its first 30 s, as mlx_whisper does.
     language: str | None = None
     # Word-level timestamps (cross-attention + DTW, from the encoder output decoding computed).
     word_timestamps: bool = True
-    # Windows per batch; 0 = chosen from the device's memory (engine.memory).
+    # Batch rows (files decoded together); 0 = chosen from the device's memory (engine.memory).
     batch_size: int = 0
     # "transcribe" (X -> X) or "translate" (X -> English; multilingual models only).
     task: str = "transcribe"
@@ -46,18 +46,6 @@ class EngineOptions:
     sample_len: int | None = None
 
     # ---- the batched engine's own ----
-    # Each file is cut into regions of about this length (seconds), at the quietest point within
-    # cut_search_s of it; each region is decoded like sequential Whisper (seek to the last
-    # timestamp, previous text as the prompt) while the regions of all files advance together,
-    # one batch row each. Shorter regions = more rows and fewer rounds; longer = fewer joins and
-    # more prompt context. Measured (readme_engine.md, tiny.en CPU, WER on the 601 s / 229 s
-    # files; sequential 8.12 / 6.68 %): 25 s 7.56 / 5.42 %, 30 s 7.35 / 5.23 %, 60 s 7.91 / 5.42 %.
-    # On a GPU decoding rounds, not rows, cost time, so more and shorter regions win (H100, base
-    # float16, 601 s file, sequential 7.42 %): 30 s 1621x 7.63 %, 20 s 1599x 7.14 %, 15 s 1888x
-    # 7.56 %, 12 s 2103x 6.79 %. None = 30 s on the CPU, 12 s on a GPU.
-    region_s: float | None = None
-    # Cut points are searched this far either side of the planned boundary (seconds).
-    cut_search_s: float = 5.0
     # Check whether every row of a batch has finished once per this many decoding steps
     # (each check waits for the device; between checks steps are queued without waiting).
     check_every: int = 8

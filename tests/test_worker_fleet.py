@@ -60,14 +60,17 @@ def test_two_workers_on_sqlite_with_flower(shared_audio: Path, tmp_path: Path, m
             assert all(name.startswith("tiny.en-") for name in listed)
             assert requests.get(f"{api}/workers", timeout=10).status_code == 401  # no anonymous access
 
-            ids = enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS))
+            clips = copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS)
+            broken = tmp_path / "audio" / "broken.wav"
+            broken.write_text("not audio: an archivist's note saved with the wrong name\n" * 20)
+            ids = enqueue([*clips, broken])
             rows = wait_until_settled(240, procs)
             logs = "".join(p.log() for p in procs)
 
             def tasks_done():
                 tasks = requests.get(f"{api}/tasks", auth=AUTH, timeout=10).json()
-                succeeded = [t for t in tasks.values() if t["state"] == "SUCCESS"]
-                return tasks if len(succeeded) >= len(ids) else None
+                ended = [t for t in tasks.values() if t["state"] in ("SUCCESS", "FAILURE")]
+                return tasks if len(ended) >= len(ids) else None
 
             tasks = wait_for(tasks_done, 30, "Flower to record every task", poll_s=1)
     finally:
@@ -75,12 +78,15 @@ def test_two_workers_on_sqlite_with_flower(shared_audio: Path, tmp_path: Path, m
         flower.wait(timeout=30)
         subprocess.run([sys.executable, "-m", "cli", "broker", "stop"], env=env, cwd=REPO, timeout=60)
 
-    assert len(ids) == len(SHORT_CLIPS)
-    assert all(r.status.value == "done" and r.transcripts == 1 for r in rows), [(r.path, r.error) for r in rows]
+    assert len(ids) == len(SHORT_CLIPS) + 1
+    good = [r for r in rows if not r.path.endswith("broken.wav")]
+    assert all(r.status.value == "done" and r.transcripts == 1 for r in good), [(r.path, r.error) for r in rows]
     assert "database is locked" not in logs
-    names = {Path(p).name for p in SHORT_CLIPS}
+    names = {Path(p).name for p in SHORT_CLIPS} | {"broken.wav"}
     shown = {Path(t["kwargs"] and ast.literal_eval(t["kwargs"])["path"]).name for t in tasks.values()}  # Flower reprs kwargs
-    assert shown == names
+    assert shown == names  # every task names its file
+    [failed] = [t for t in tasks.values() if t["state"] == "FAILURE"]  # the broken file's task, and only it
+    assert "broken.wav" in failed["kwargs"] and "not an audio file" in failed["exception"]
     workers_seen = {t["worker"] for t in tasks.values()}
     assert len(workers_seen) == 2, workers_seen  # both workers took messages
     reports = [ast.literal_eval(t["result"]) for t in tasks.values() if t["result"] and "audio_s" in t["result"]]
