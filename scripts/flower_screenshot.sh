@@ -101,8 +101,8 @@ chromium --headless --no-sandbox --disable-gpu --window-size=1600,1000 \
   || { cat "$work/chromium.log" >&2; echo "chromium failed" >&2; exit 1; }
 [ -s "$out" ] || { echo "no screenshot written" >&2; exit 1; }
 echo "screenshot: $out"
-# What the page itself shows (informational: Flower's default columns leave out kwargs; set
-# FLOWER_TASKS_COLUMNS=name,uuid,state,kwargs,result,received,runtime,worker to show them).
+# What the page itself shows (informational): `archive-asr flower` sets the Tasks list's columns
+# so that each task's kwargs (its file and duration) and short result are shown.
 chromium --headless --no-sandbox --disable-gpu --virtual-time-budget=15000 --dump-dom \
   "http://admin:$password@127.0.0.1:$port/tasks" >"$work/tasks.html" 2>>"$work/chromium.log" || true
 shown=0

@@ -142,8 +142,11 @@ def test_english_only_model_refuses_another_language(data_dir):
     from engine.options import EngineOptions
     from engine.transcribe import transcribe_audio
 
-    with pytest.raises(ValueError, match="English-only"):
+    from archive_asr.errors import PermanentError
+
+    with pytest.raises(ValueError, match="English-only") as raised:
         transcribe_audio(np.zeros(16000, np.float32), model_name=MODEL, options=EngineOptions(language="de"))
+    assert isinstance(raised.value, PermanentError)  # a worker fails such a job at once, never retries it
 
 
 def test_a_sliver_of_audio_that_whisper_calls_silence_gives_no_text():

@@ -203,6 +203,7 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+FLOWER_TASKS_COLUMNS = "name,state,kwargs,result,received,runtime,worker,uuid"
 # Flower options our settings decide; inherited FLOWER_* variables must not override them (Flower
 # reads its environment), least of all FLOWER_UNAUTHENTICATED_API, which opens its control API.
 FLOWER_ENV_OVERRIDES = ("FLOWER_UNAUTHENTICATED_API", "FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_ADDRESS", "FLOWER_PORT")
@@ -236,7 +237,9 @@ def flower(address: str | None, port: int | None, basic_auth: str | None) -> Non
         )
     for name in FLOWER_ENV_OVERRIDES:
         os.environ.pop(name, None)
-    argv = ["flower", f"--address={address}", f"--port={port}"]
+    # The Tasks list shows each job's file and duration (the task's kwargs) and its short result:
+    # Flower 2.2's default columns hide both, leaving only task names and UUIDs.
+    argv = ["flower", f"--address={address}", f"--port={port}", f"--tasks_columns={FLOWER_TASKS_COLUMNS}"]
     if basic_auth:
         argv.append(f"--basic_auth={basic_auth}")
     # Without a password Flower's API (worker shutdown, pool restart, task revoke) stays off: any

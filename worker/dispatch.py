@@ -12,6 +12,7 @@ duplicates one whose message is merely waiting in a long queue. See worker.recon
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -98,7 +99,8 @@ def publish(messages: Iterable[JobMessage], *, countdown: float | None = None) -
                         TASK_NAME,
                         args=([m.job_id],),
                         # Not needed by the task (it reads the job row); there so Flower shows them.
-                        kwargs={"path": m.path, "duration_s": m.duration_s, "model": m.model},
+                        # the file's name first: Flower's Tasks list cuts a long cell short
+                        kwargs={"file": os.path.basename(m.path), "duration_s": m.duration_s, "path": m.path, "model": m.model},
                         queue=m.queue,
                         routing_key=m.queue,
                         priority=message_priority(m.priority),

@@ -147,8 +147,10 @@ def _engine_options(job: ClaimedJob):
 
 
 @app.task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def transcribe(self, job_ids: list[int], path: str = "", duration_s: float | None = None, model: str = "") -> dict:
-    """Transcribe the job in this message; path/duration_s/model are only there for Flower."""
+def transcribe(
+    self, job_ids: list[int], file: str = "", duration_s: float | None = None, path: str = "", model: str = ""
+) -> dict:
+    """Transcribe the job in this message; file/duration_s/path/model are only there for Flower."""
     from worker.dispatch import forget
 
     settings = get_settings()
