@@ -79,8 +79,8 @@ def device_name() -> str:
     return f"gpu ({name})" if name else "gpu"
 
 
-def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> tuple[Whisper, ModelDimensions]:
-    """Load an mlx-whisper model folder, checking that every weight is there, cast to ``dtype``."""
+def read_config(folder: Path) -> tuple[ModelDimensions, dict | None]:
+    """A model folder's dimensions and quantisation settings (None: full precision), from its config."""
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
@@ -92,6 +92,12 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> tuple[Whisper, ModelDimens
         dims = ModelDimensions(**{k: int(v) for k, v in config.items() if k in fields})
     except TypeError as e:
         raise ModelError(f"{folder / CONFIG_FILE}: not a Whisper config ({e})") from e
+    return dims, quantization
+
+
+def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> tuple[Whisper, ModelDimensions]:
+    """Load an mlx-whisper model folder, checking that every weight is there, cast to ``dtype``."""
+    dims, quantization = read_config(folder)
     weight_file = next((folder / w for w in WEIGHT_FILES if (folder / w).is_file()), None)
     if weight_file is None:
         raise ModelError(f"{folder}: no {' or '.join(WEIGHT_FILES)}")
@@ -127,13 +133,7 @@ def planned_rows(name: str | None = None, batch_size: int = 0) -> int:
     worker sizes its task pool from it before any job arrives)."""
     from engine.memory import plan_batch
 
-    folder = resolve_model(name or get_settings().model)
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{folder / CONFIG_FILE}: unreadable ({e})") from e
-    fields = ModelDimensions.__dataclass_fields__
-    dims = ModelDimensions(**{k: int(v) for k, v in config.items() if k in fields})
+    dims, _ = read_config(resolve_model(name or get_settings().model))
     return plan_batch(dims, default_dtype(), batch_size=batch_size).batch_size
 
 

@@ -45,19 +45,6 @@ class FileMel:
     flat: np.ndarray  # (content_frames,) bool: the frame is digital silence (at the floor in every band)
     store_path: str | None = None  # the temporary file behind a memory-mapped log10 (deleted by close)
 
-    def __getstate__(self) -> dict:
-        """Pickled (from a preparing process) without the mapped frames: the receiver maps the file."""
-        state = dict(self.__dict__)
-        if self.store_path is not None:
-            state["log10"] = (self.log10.shape, None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        if state.get("store_path") is not None:
-            shape, _ = state["log10"]
-            state["log10"] = np.memmap(state["store_path"], dtype=np.float32, mode="r", shape=shape)
-        self.__dict__.update(state)
-
     def _normalised(self, frames: np.ndarray) -> np.ndarray:
         return (np.maximum(frames, self.max_log10 - DYNAMIC_RANGE) + 4.0) / 4.0
 

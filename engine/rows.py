@@ -6,7 +6,6 @@ one) exactly as sequential Whisper decodes the whole file.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -44,7 +43,6 @@ class FileState:
     busy_s: float = 0.0  # its share of the device rounds it took part in
     frames_done: int = 0  # progress: frames its rows have moved past
     segments: list[tuple[Segment, str]] = field(default_factory=list)  # (kept segment, raw text)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass

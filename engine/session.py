@@ -18,12 +18,11 @@ mlx-lm's BatchGenerator and vLLM's LLMEngine are the model: callers only submit 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -95,7 +94,6 @@ class Session:
         batch_size: int = 0,
         options: EngineOptions = EngineOptions(),
         min_region_s: float | None = MIN_REGION_S,
-        prepare_processes: bool = False,
         prepare_threads: int = 0,
     ):
         self.loaded = holder.get_model(model_name)
@@ -115,11 +113,6 @@ class Session:
         # it (an H100 transcribes ~1,000 s of audio a second), so use most cores, leaving one.
         threads = prepare_threads or max(2, min(MAX_PREPARE_THREADS, (os.cpu_count() or 2) - 1))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
-        # Decoders hold the GIL frame by frame (an Opus file is 50 Python-level frames a second):
-        # a worker decodes in processes, as many as the threads, so decoding keeps up with a GPU.
-        self._processes = (
-            ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn")) if prepare_processes else None
-        )
         self._cond = threading.Condition()
         self._waiting: deque[FileState] = deque()  # prepared, waiting for a row
         self._preparing = 0  # submitted, not yet prepared
@@ -162,10 +155,7 @@ class Session:
         try:
             if on_start is not None:
                 on_start()
-            if self._processes is not None and isinstance(item, (str, Path)):
-                p = self._processes.submit(prepare, item, self.loaded.dims.n_mels).result()
-            else:
-                p = prepare(item, self.loaded.dims.n_mels)
+            p = prepare(item, self.loaded.dims.n_mels)
             state.mel, state.audio_s, state.decoded_s, state.warnings = p.mel, p.audio_s, p.decoded_s, p.warnings
             with self._cond:
                 self.stats.files += 1
@@ -224,8 +214,6 @@ class Session:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._processes is not None:
-            self._processes.shutdown(wait=False, cancel_futures=True)
         for row in self._rows:
             if row.file.mel is not None:
                 row.file.mel.close()

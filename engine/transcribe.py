@@ -12,16 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
-from engine import holder
 from engine.options import EngineOptions
 from engine.session import RoundStats, Session
 
 last_stats = RoundStats()  # of the latest call in this process, for benchmarks
-
-
-def clear_cache() -> None:
-    """Return MLX's cached buffers to the system."""
-    holder.clear_cache()
 
 
 def transcribe_audio(audio: np.ndarray, *, model_name: str | None = None, options: EngineOptions = EngineOptions()):

@@ -80,6 +80,7 @@ def stop_session() -> None:
 
 
 _db = {"s": 0.0, "jobs": 0}
+_lock_db = threading.Lock()
 
 
 def count_db(seconds: float) -> None:
@@ -87,9 +88,6 @@ def count_db(seconds: float) -> None:
     with _lock_db:
         _db["s"] += seconds
         _db["jobs"] += 1
-
-
-_lock_db = threading.Lock()
 
 
 def totals() -> dict:
@@ -112,11 +110,6 @@ def totals() -> dict:
             "mel_s": round(st.prepare_mel_s, 3),
         }
     return out
-
-
-def rows() -> int:
-    """The batch rows of the running session (0 before the first job)."""
-    return _session.batch_size if _session is not None else 0
 
 
 class LeaseKeeper(threading.Thread):

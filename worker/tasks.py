@@ -23,12 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sqlalchemy.exc import DBAPIError, OperationalError
-
-from archive_asr.errors import DatabaseUnavailable, PermanentError, RetryableError
+from archive_asr.errors import PermanentError, RetryableError
 from archive_asr.settings import get_settings
 from worker import config, engine_host
 from worker.app import TASK_NAME, app
+from worker.saving import database_down
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,6 @@ class ClaimedJob:
     job_id: int
     path: str  # the path to open (os.fsdecode of the stored bytes)
     display_path: str
-    duration_s: float | None
     model: str
     language: str | None
     word_timestamps: bool
@@ -58,19 +56,13 @@ def worker_identity(hostname: str | None) -> str:
     return f"{hostname or socket.gethostname()}:{os.getpid()}"
 
 
-def _db_down(e: BaseException) -> bool:
-    return isinstance(e, (DatabaseUnavailable, OperationalError)) or (
-        isinstance(e, DBAPIError) and e.connection_invalidated
-    )
-
-
 def with_db_retry(what: str, fn: Callable[[], T]) -> T:
     """Run a database step, waiting out an unreachable or locked database with backoff (and saying so)."""
     for delay in (*DB_RETRY_DELAYS_S, None):
         try:
             return fn()
         except Exception as e:
-            if not _db_down(e) or delay is None:
+            if not database_down(e) or delay is None:
                 raise
             log.warning("database unavailable while %s (%s); retrying in %s s", what, str(e).splitlines()[0], delay)
             time.sleep(delay)
@@ -90,7 +82,6 @@ def claim(job_id: int, holder: str, lease_s: float) -> tuple[ClaimedJob | None, 
             job_id=job.id,
             path=job.fs_path,
             display_path=job.path,
-            duration_s=job.duration_s,
             model=job.model,
             language=job.language,
             word_timestamps=job.word_timestamps,
@@ -103,12 +94,11 @@ def _start_attempt(job_id: int, holder: str) -> None:
     from models.db import session_scope
     from models.jobs import start_attempt
 
-    with_db_retry(f"starting job {job_id}", lambda: _in_session(session_scope, start_attempt, job_id, holder))
+    def write():
+        with session_scope() as session:
+            return start_attempt(session=session, job_id=job_id, worker_host=holder)
 
-
-def _in_session(scope, fn, job_id: int, holder: str):
-    with scope() as session:
-        return fn(session=session, job_id=job_id, worker_host=holder)
+    with_db_retry(f"starting job {job_id}", write)
 
 
 def _fail(job_id: int, error: str, *, retryable: bool) -> str | None:
@@ -177,7 +167,7 @@ def _run_job(job_id: int, holder: str, lease_s: float) -> dict:
     try:
         job, problem = with_db_retry("claiming", lambda: claim(job_id, holder, lease_s))
     except Exception as e:
-        if not _db_down(e):
+        if not database_down(e):
             raise
         # Still queued, no marker: the reconciler sends it again once the database is back.
         log.error("gave up claiming job %s, database unavailable: %s", job_id, str(e).splitlines()[0])
