@@ -31,8 +31,11 @@ class Prepared:
     mel_wall_s: float = 0.0  # time spent on the log-mel
 
 
-def prepare(item: np.ndarray | str | Path, n_mels: int) -> Prepared:
-    """Decode (a path) or check (an array), then compute the FileMel; raises the file's own error."""
+def prepare(item: np.ndarray | str | Path, n_mels: int, *, decode=iter_audio) -> Prepared:
+    """Decode (a path) or check (an array), then compute the FileMel; raises the file's own error.
+
+    ``decode`` has ``iter_audio``'s signature: a session passes its child decoders' (engine.decoders).
+    """
     seen = {"samples": 0, "sound": False, "decode_s": 0.0}
     started = time.perf_counter()
 
@@ -51,7 +54,7 @@ def prepare(item: np.ndarray | str | Path, n_mels: int) -> Prepared:
     report = None
     if isinstance(item, (str, Path, bytes)):
         report = DecodeReport()
-        mel = file_mel(counted(iter_audio(item, chunk_s=CHUNK_S, report=report)), n_mels)
+        mel = file_mel(counted(decode(item, chunk_s=CHUNK_S, report=report)), n_mels)
     else:
         audio = np.asarray(item, dtype=np.float32)
         if audio.ndim != 1:

@@ -34,7 +34,9 @@ from mlx_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RA
 
 from archive_asr.records import Timing, Transcript
 from engine import holder, words
+from engine.audio import iter_audio
 from engine.decode import TokenRules, WindowResult, decode_batch
+from engine.decoders import DecoderPool
 from engine.encode import encode
 from engine.errors import BatchFailed, UnsupportedLanguage
 from engine.language import window_languages
@@ -95,12 +97,14 @@ class Session:
         options: EngineOptions = EngineOptions(),
         min_region_s: float | None = MIN_REGION_S,
         prepare_threads: int = 0,
+        decoder_processes: bool = True,
     ):
         self.loaded = holder.get_model(model_name)
         self.model = self.loaded.model
         self.options = options  # batch-wide settings: sample_len, check_every, suppress_tokens
         plan = plan_batch(
-            self.loaded.dims, self.loaded.dtype, batch_size=batch_size or options.batch_size, word_timestamps=True
+            self.loaded.dims, self.loaded.dtype, batch_size=batch_size or options.batch_size, word_timestamps=True,
+            quantization=self.loaded.quantization,
         )
         log_plan(plan)
         self.batch_size = plan.batch_size
@@ -113,6 +117,8 @@ class Session:
         # it (an H100 transcribes ~1,000 s of audio a second), so use most cores, leaving one.
         threads = prepare_threads or max(2, min(MAX_PREPARE_THREADS, (os.cpu_count() or 2) - 1))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
+        # each preparing thread decodes containers in a child process (engine.decoders says why)
+        self._decoders = DecoderPool() if decoder_processes else None
         self._cond = threading.Condition()
         self._waiting: deque[FileState] = deque()  # prepared, waiting for a row
         self._preparing = 0  # submitted, not yet prepared
@@ -155,7 +161,7 @@ class Session:
         try:
             if on_start is not None:
                 on_start()
-            p = prepare(item, self.loaded.dims.n_mels)
+            p = prepare(item, self.loaded.dims.n_mels, decode=self._decoders.iter_audio if self._decoders else iter_audio)
             state.mel, state.audio_s, state.decoded_s, state.warnings = p.mel, p.audio_s, p.decoded_s, p.warnings
             with self._cond:
                 self.stats.files += 1
@@ -214,6 +220,8 @@ class Session:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._decoders is not None:
+            self._decoders.close()
         for row in self._rows:
             if row.file.mel is not None:
                 row.file.mel.close()
@@ -258,10 +266,10 @@ class Session:
             while len(self._rows) < self.batch_size and self._waiting:
                 if any(r.file.solo for r in self._rows):
                     return  # a suspect runs alone
-                nxt = self._waiting[0]
+                nxt = longest(self._waiting)
                 if nxt.solo and self._rows:
                     return  # wait for the rows to drain
-                self._waiting.popleft()
+                self._waiting.remove(nxt)
                 self._rows.append(Row(nxt, 0, nxt.mel.content_frames, 0, self._initial_prompt(nxt)))
                 nxt.open_rows = 1
                 if nxt.solo:
@@ -444,7 +452,14 @@ def build_transcript(f: FileState, model_name: str, batch_size: int, device: str
     )
 
 
-# --- the splitting policy ---------------------------------------------------------------------
+# --- the admission and splitting policies ----------------------------------------------------
+
+
+def longest(waiting: deque[FileState]) -> FileState:
+    """The waiting file to admit next: the longest. A file's windows run one after another, so a
+    long file admitted last is a tail every other row idles through (a 10-minute file is 21
+    rounds); started first, it runs while the short ones come and go."""
+    return max(waiting, key=lambda f: f.mel.content_frames)
 
 
 def pick_row_to_split(rows: list[Row], min_frames: int) -> Row | None:

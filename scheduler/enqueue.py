@@ -124,12 +124,21 @@ class Hashed:
     duration_s: float | None
 
 
+def _open(av, f):
+    """av.open, ignoring undecodable tags where PyAV has that switch (13-18: metadata_errors);
+    PyAV 19 has no such argument: without this fallback every probe failed there."""
+    try:
+        return av.open(f, metadata_errors="ignore")
+    except TypeError:
+        return av.open(f)
+
+
 def probe_duration(path_bytes: bytes) -> float | None:
     """Seconds of audio from the container header (no decoding); None when it can't tell."""
     import av  # imported here: PyAV loads ffmpeg's libraries, which `status` and `search` don't need
 
     try:
-        with open(path_bytes, "rb") as f, av.open(f, metadata_errors="ignore") as container:
+        with open(path_bytes, "rb") as f, _open(av, f) as container:
             if container.duration:
                 return container.duration / av.time_base
             for stream in container.streams.audio:

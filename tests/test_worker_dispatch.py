@@ -150,3 +150,25 @@ def test_released_job_with_a_waiting_message_is_not_sent_twice(env: str, shared_
     report = reconcile(force=True, grace=0)
     assert report.released == [second] and report.redispatched == []
     assert _queue(env) == sorted([first, second])  # one message each, as before
+
+
+def test_longest_files_are_taken_first(env: str, shared_audio: Path, tmp_path: Path):
+    """A long file taken last is a tail a worker's other rows idle through: the queue hands out the longest first."""
+    import base64
+    import json
+
+    from sqlalchemy import select
+
+    from models.db import session_scope
+    from models.tables import Job
+
+    ids = enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS))
+    r = redis.Redis.from_url(env)
+    (key,) = [k for k in r.scan_iter(match="asr.tiny.en*") if r.type(k) == b"list"]
+    # kombu pushes on the left and workers pop on the right: the consuming order is the list reversed
+    taken = [json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0][0] for raw in reversed(r.lrange(key, 0, -1))]
+    with session_scope() as session:
+        duration = dict(session.execute(select(Job.id, Job.duration_s).where(Job.id.in_(ids))).all())
+    assert sorted(taken) == sorted(ids)
+    seconds = [duration[i] for i in taken]
+    assert seconds == sorted(seconds, reverse=True) and seconds[0] > seconds[-1]

@@ -73,7 +73,10 @@ def _mark_dispatched(job_ids: list[int]) -> None:
 
 def publish(messages: Iterable[JobMessage], *, countdown: float | None = None) -> int:
     """Send one task message per job (no database access); return how many were sent."""
-    messages = list(messages)
+    # Longest first (within a priority, the broker keeps this order): a worker's rows decode a
+    # file's windows one after another, so a long file taken last is a tail its other rows idle
+    # through, and in a fleet it keeps one worker busy after the others are done.
+    messages = sorted(messages, key=lambda m: -(m.duration_s or 0.0))
     if not messages:
         return 0
     url = broker_url()
