@@ -68,6 +68,24 @@ def _check_port(url: str) -> None:
         raise ValueError(f"port {port} is out of range")
 
 
+SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+              "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+
+
+def parse_bytes(value: str) -> int:
+    """"6GiB", "6 GB", "512M", "1.5g" -> bytes; a size that can't be read raises ValueError."""
+    text = value.strip().lower().replace(" ", "")
+    number = text.rstrip("kmgtib")
+    unit = text[len(number):]
+    try:
+        size = float(number)
+    except ValueError:
+        size = -1.0
+    if unit not in SIZE_UNITS or size <= 0:
+        raise ValueError(f"{value!r} is not a memory size (e.g. 6GiB, 512MiB)")
+    return int(size * SIZE_UNITS[unit])
+
+
 def check_basic_auth(value: str) -> str:
     """Flower's basic auth: "user:password", several joined by commas; no part may be empty."""
     for credential in value.split(","):
@@ -96,6 +114,12 @@ class Settings(BaseSettings):
     # Cut a long file into stretches of at least this many seconds to fill batch rows that would
     # idle (a lone file, the tail of a queue); 0 = never: every transcript is sequential Whisper's.
     min_region_s: float = Field(default=0.0, ge=0.0)
+    # The accelerator a worker uses: "auto" (the GPU if MLX has one, else the CPU), "cpu", or
+    # "gpu:N" (the N-th GPU; CUDA machines may have several, a Mac has gpu:0).
+    device: str = "auto"
+    # Memory a worker may plan its weights and batch rows in, e.g. "6GiB" or "512MiB"; empty means
+    # a share of what the device offers (see engine.memory).
+    memory_budget: str = ""
     # Seconds a running job's lease lasts without renewal before the reconciler takes it back.
     lease_s: int = Field(default=20, ge=5)
     # Attempts before a job that keeps failing on transient errors is marked failed.
@@ -123,6 +147,21 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis:// (or valkey://) URL")
         _check_port(url)
         return url
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "gpu") or (value.startswith("gpu:") and value[4:].isdigit()):
+            return value
+        raise ValueError("must be auto, cpu, gpu or gpu:N (N = 0, 1, ...)")
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _memory_size(cls, value: str) -> str:
+        if value:
+            parse_bytes(value)
+        return value
 
     @field_validator("flower_basic_auth")
     @classmethod

@@ -175,7 +175,8 @@ class _Decoder:
     def __init__(self, model, audio_features: mx.array, pads: mx.array, capacity: int):
         self.dec = model.decoder
         self.n_head = model.dims.n_text_head
-        self.dtype = self.dec.token_embedding.weight.dtype
+        # the positional embedding's: a quantised token embedding's weight is packed uint32
+        self.dtype = self.dec.positional_embedding.dtype
         n_batch = audio_features.shape[0]
         head_dim = model.dims.n_text_state // self.n_head
         # cross-attention keys/values: once per batch, per layer

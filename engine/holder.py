@@ -37,6 +37,7 @@ class LoadedModel:
     dtype: mx.Dtype  # of the floating-point weights
     path: Path  # the MLX folder it was loaded from
     alignment_heads: np.ndarray  # (n_heads, 2) [decoder layer, head] pairs used for word timing
+    quantization: dict | None = None  # config.json's {"bits", "group_size"}; None at full precision
 
     @property
     def is_multilingual(self) -> bool:
@@ -68,15 +69,10 @@ def default_dtype() -> mx.Dtype:
 
 
 def device_name() -> str:
-    """'cpu', or 'gpu (<device name>)' as MLX reports it."""
-    if mx.default_device() != mx.gpu:
-        return "cpu"
-    try:
-        info = mx.device_info()
-    except Exception:  # older MLX: metal.device_info only
-        info = {}
-    name = info.get("device_name") or info.get("architecture") or ""
-    return f"gpu ({name})" if name else "gpu"
+    """'cpu', or 'gpu:N (<device name>)': the card this process was pinned to (engine.device)."""
+    from engine.device import device_name as pinned_device_name
+
+    return pinned_device_name()
 
 
 def read_config(folder: Path) -> tuple[ModelDimensions, dict | None]:
@@ -117,6 +113,10 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> tuple[Whisper, ModelDimens
         missing = sorted(set(expected) - set(weights) - {"alignment_heads"})
         if missing:
             raise ModelError(f"{weight_file}: missing weights {', '.join(missing[:5])}")
+        if mx.default_device() == mx.cpu:  # MLX's CPU quantized_matmul is slow for many rows
+            from engine.cpu_quantized import use_cpu_layers
+
+            use_cpu_layers(model)
     else:
         check_against_model(weights, dims)
 
@@ -130,11 +130,48 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> tuple[Whisper, ModelDimens
 
 def planned_rows(name: str | None = None, batch_size: int = 0) -> int:
     """The batch rows a session of this model will have here, without loading its weights (a
-    worker sizes its task pool from it before any job arrives)."""
+    worker sizes its task pool from it before any job arrives).
+
+    Raises ModelError, in one line, when the weights and one row do not fit the memory budget.
+    """
     from engine.memory import plan_batch
 
-    dims, _ = read_config(resolve_model(name or get_settings().model))
-    return plan_batch(dims, default_dtype(), batch_size=batch_size).batch_size
+    name = name or get_settings().model
+    folder = resolve_model(name)
+    dims, quantization = read_config(folder)
+    plan = plan_batch(dims, default_dtype(), quantization=quantization)
+    check_fits(name, folder, plan, dims, quantization)
+    return batch_size if batch_size > 0 else plan.batch_size
+
+
+def check_fits(name: str, folder: Path, plan, dims: ModelDimensions, quantization: dict | None) -> None:
+    """Raise ModelError unless the model's weights and one batch row fit ``plan``'s budget (an
+    automatic plan's); the message names the memory needed and had, and a quantised variant that would fit."""
+    from engine.memory import GIB, weights_bytes
+    from engine.model_store import is_mlx_folder, models_dir
+    from engine.variants import BITS_CHOICES, Quantization, source_of, variant_name
+
+    needed = plan.weights_bytes + plan.per_window_bytes
+    if needed <= plan.budget_bytes:
+        return
+    message = (f"model {name} needs {needed / GIB:.2f} GiB for its weights and one batch row; "
+               f"the budget is {plan.budget_bytes / GIB:.2f} GiB ({plan.budget_source})")
+    full = source_of(name, folder)
+    current_bits = int(quantization["bits"]) if quantization else 16
+    dtype_bytes = default_dtype().size
+    smaller = [Quantization(bits) for bits in BITS_CHOICES if bits < current_bits]
+    for q in smaller:
+        variant_bytes = weights_bytes(dims, dtype_bytes, q.as_config()) + plan.per_window_bytes
+        if variant_bytes <= plan.budget_bytes:
+            variant = variant_name(Path(full).name, q)
+            how = (f"--model {variant}" if is_mlx_folder(models_dir() / variant)
+                   else f"archive-asr models quantize {full} --bits {q.bits}")
+            raise ModelError(f"{message}; {variant} would fit ({variant_bytes / GIB:.2f} GiB): {how}")
+    if smaller:
+        q = smaller[-1]
+        least = weights_bytes(dims, dtype_bytes, q.as_config()) + plan.per_window_bytes
+        message += f"; even {variant_name(Path(full).name, q)} would need {least / GIB:.2f} GiB"
+    raise ModelError(f"{message}: raise the budget or use a smaller model")
 
 
 def get_model(name: str | None = None) -> LoadedModel:
@@ -151,11 +188,13 @@ def get_model(name: str | None = None) -> LoadedModel:
         folder = resolve_model(name)
         dtype = default_dtype()
         model, dims = load_mlx_folder(folder, dtype)
+        _, quantization = read_config(folder)
         meta = read_meta(folder)
         if meta.get("alignment_heads"):
             model.set_alignment_heads(np.asarray(meta["alignment_heads"], dtype=np.int64))
         heads = np.array(model.alignment_heads)
-        _held = LoadedModel(name=name, model=model, dims=dims, dtype=dtype, path=folder, alignment_heads=heads)
+        _held = LoadedModel(name=name, model=model, dims=dims, dtype=dtype, path=folder, alignment_heads=heads,
+                            quantization=quantization)
         log.info("loaded model %s from %s (%s, %s)", name, folder, dtype, device_name())
         return _held
 

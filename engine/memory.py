@@ -1,11 +1,12 @@
 """Choose how many 30 s windows to encode and decode at once from the device's memory.
 
-The budget is a share of what the device can give this process (Metal: the recommended working
-set; CUDA: free memory; CPU: available RAM) on top of what MLX already holds (the weights). Each
-window costs its encoder activations while encoding, then its encoder output and the decoder's
-caches (cross-attention keys/values for the whole audio context, self-attention keys/values up to
-the text context) while decoding; the batch is as many windows as fit. The estimate is meant to be
-an upper bound: on a real run ``mx.get_peak_memory()`` should stay inside ``budget_bytes``.
+The budget is ARCHIVE_ASR_MEMORY_BUDGET when set, else a share of what the device can give this
+process (Metal: the recommended working set; CUDA: free memory; CPU: available RAM) on top of what
+MLX already holds (the weights). Quantised weights are counted at their packed size, so the memory
+they free becomes rows. Each window costs its encoder activations while encoding, then its encoder
+output and the decoder's caches (cross-attention keys/values for the whole audio context,
+self-attention keys/values up to the text context) while decoding; the batch is as many windows as
+fit. The estimate is meant to be an upper bound: on a real run ``mx.get_peak_memory()`` should stay inside ``budget_bytes``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import engine  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
+
+from archive_asr.settings import ENV_PREFIX, get_settings, parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class BatchPlan:
     reason: str  # one line, logged and stored with the transcript
     per_window_bytes: int = 0
     weights_bytes: int = 0
+    budget_source: str = ""  # where budget_bytes came from, for messages ("ARCHIVE_ASR_MEMORY_BUDGET=6GiB")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +98,18 @@ def device_memory() -> DeviceMemory:
     return DeviceMemory("metal", total, min(recommended, total or recommended), "mx.device_info() working set")
 
 
+def memory_budget() -> tuple[int, str, str]:
+    """(budget_bytes, where it came from, device): the setting if given, else a share of the device's memory."""
+    on_gpu = mx.default_device() == mx.gpu
+    setting = get_settings().memory_budget
+    if setting:
+        return parse_bytes(setting), f"{ENV_PREFIX}MEMORY_BUDGET={setting}", "gpu" if on_gpu else "cpu"
+    mem = device_memory()
+    fraction = GPU_BUDGET_FRACTION if on_gpu else CPU_BUDGET_FRACTION
+    source = f"{mem.device}: {mem.available_bytes / GIB:.1f} GiB available ({mem.source}) x {fraction}"
+    return int(mem.available_bytes * fraction), source, mem.device
+
+
 def per_window_bytes(dims, dtype_bytes: int, *, n_text_tokens: int | None = None, word_timestamps: bool = True) -> int:
     """Upper bound on the memory one 30 s window adds to a batch (bytes)."""
     ctx, state = dims.n_audio_ctx, dims.n_audio_state
@@ -123,23 +139,22 @@ def plan_batch(
     budget_bytes: int | None = None,
     max_batch: int | None = None,
     word_timestamps: bool = True,
+    quantization: dict | None = None,
 ) -> BatchPlan:
-    """How many windows to batch: ``batch_size`` > 0 overrides; else from ``budget_bytes`` or the device."""
+    """How many windows to batch: ``batch_size`` > 0 overrides; else from ``budget_bytes``, the
+    memory budget setting or the device. ``quantization`` is the model config's ({"bits", "group_size"})."""
     dtype_bytes = dtype.size
     window = per_window_bytes(dims, dtype_bytes, word_timestamps=word_timestamps)
-    weights = weights_bytes(dims, dtype_bytes)
+    weights = weights_bytes(dims, dtype_bytes, quantization)
     on_gpu = mx.default_device() == mx.gpu
     device = "gpu" if on_gpu else "cpu"
     if batch_size > 0:
         budget = weights + batch_size * window
-        return BatchPlan(batch_size, budget, device, f"batch size {batch_size} set by the user", window, weights)
+        return BatchPlan(batch_size, budget, device, f"batch size {batch_size} set by the user", window, weights,
+                         "the batch size set by the user")
     cap = max_batch or (MAX_BATCH_GPU if on_gpu else MAX_BATCH_CPU)
     if budget_bytes is None:
-        mem = device_memory()
-        fraction = GPU_BUDGET_FRACTION if on_gpu else CPU_BUDGET_FRACTION
-        budget = int(mem.available_bytes * fraction)
-        source = f"{mem.device}: {mem.available_bytes / GIB:.1f} GiB available ({mem.source}) x {fraction}"
-        device = mem.device
+        budget, source, device = memory_budget()
     else:
         budget = int(budget_bytes)
         source = "budget given"
@@ -151,15 +166,24 @@ def plan_batch(
         + (f", capped at {cap}" if fits > cap else "")
         + (" (less than one: using 1)" if fits < 1 else "")
     )
-    return BatchPlan(size, budget, device, reason, window, weights)
+    return BatchPlan(size, budget, device, reason, window, weights, source)
 
 
-def weights_bytes(dims, dtype_bytes: int) -> int:
-    """Parameter memory of a Whisper model of these dimensions."""
+def weights_bytes(dims, dtype_bytes: int, quantization: dict | None = None) -> int:
+    """Parameter memory of a Whisper model of these dimensions, loaded in a float of ``dtype_bytes``.
+
+    Quantised (``{"bits", "group_size"}``, as in config.json): the Linear layers and the token
+    embedding hold ``bits`` per weight plus a scale and a bias per group, both in the float dtype
+    (engine.holder casts them); convolutions and the positional embedding stay float.
+    """
     a, t = dims.n_audio_state, dims.n_text_state
-    encoder = dims.n_mels * a * 3 + a * a * 3 + dims.n_audio_layer * 12 * a * a
-    decoder = dims.n_vocab * t + dims.n_text_ctx * t + dims.n_text_layer * 16 * t * t
-    return (encoder + decoder) * dtype_bytes
+    kept = dims.n_mels * a * 3 + a * a * 3 + dims.n_text_ctx * t  # convolutions, positional embedding
+    linear = dims.n_audio_layer * 12 * a * a + dims.n_text_layer * 16 * t * t + dims.n_vocab * t
+    if not quantization:
+        return (kept + linear) * dtype_bytes
+    bits, group_size = int(quantization["bits"]), int(quantization["group_size"])
+    packed = linear * bits // 8 + 2 * (linear // group_size) * dtype_bytes
+    return kept * dtype_bytes + packed
 
 
 def log_plan(plan: BatchPlan) -> None:

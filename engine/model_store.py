@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from engine.convert import CONFIG_FILE, META_FILE, WEIGHTS_FILE, convert_ct2
 from engine.errors import ModelError
 
 WEIGHT_FILES = (WEIGHTS_FILE, "weights.npz")  # what mlx_whisper.load_models.load_model reads, in order
+# safetensors dtype codes of floating-point tensors -> (name, bits)
+SAFETENSORS_FLOATS = {"F32": ("float32", 32), "F16": ("float16", 16), "BF16": ("bfloat16", 16)}
 HF_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -55,10 +58,12 @@ BUNDLED: dict[str, BundledModel] = {
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    kind: str  # "bundled", "imported" (converted from CTranslate2), "mlx" (a folder in the cache)
+    kind: str  # "bundled", "imported" (converted from CTranslate2), "quantized" (by us), "mlx" (a folder in the cache)
     path: Path | None  # the MLX folder, None while a bundled model is not converted yet
     ready: bool  # converted / present, so loading costs no conversion
     multilingual: bool | None  # None when unknown without reading the folder
+    bits: int | None = None  # per weight: 4 or 8 when quantised, else the stored float's (16, 32); None if unknown
+    size_bytes: int | None = None  # of the folder on disk; None while not converted
 
 
 def _package_dir(package: str) -> Path:
@@ -158,6 +163,10 @@ def resolve_model(name: str) -> Path:
     if HF_REPO_ID.match(name) and not path.exists():
         return _download(name)
     known = ", ".join(m.name for m in list_models())
+    quantised = re.fullmatch(r"(.+)-q(8|4)", name)  # base-q4 before anyone made it
+    if quantised:
+        raise ModelError(f"unknown model {name!r}: make it with `archive-asr models quantize {quantised[1]} --bits {quantised[2]}` "
+                         f"(models here: {known})")
     raise ModelError(f"unknown model {name!r}: use one of {known}, an MLX or CTranslate2 folder, or a Hugging Face repo id")
 
 
@@ -174,6 +183,37 @@ def _multilingual(folder: Path) -> bool | None:
         return None
 
 
+def stored_dtype(folder: Path) -> str | None:
+    """The floating-point dtype a folder's weights.safetensors stores ("float16"), from its header alone."""
+    path = folder / WEIGHTS_FILE
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return None
+    dtypes = {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    names = [SAFETENSORS_FLOATS[d][0] for d in ("F32", "F16", "BF16") if d in dtypes]
+    return names[0] if names else None
+
+
+def weight_bits(folder: Path) -> int | None:
+    """Bits per weight: the quantisation's, else the stored float's; None when it can't be read."""
+    try:
+        quantization = json.loads((folder / CONFIG_FILE).read_text()).get("quantization")
+    except (OSError, ValueError):
+        return None
+    if quantization:
+        return int(quantization["bits"])
+    dtype = stored_dtype(folder)
+    return next((bits for name, bits in SAFETENSORS_FLOATS.values() if name == dtype), None)
+
+
+def size_on_disk(folder: Path) -> int:
+    """Bytes of the files in a model folder (not following links out of it)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
 def list_models() -> list[ModelInfo]:
     """Bundled models (converted or not) and every model folder in the cache."""
     cache = models_dir()
@@ -181,11 +221,14 @@ def list_models() -> list[ModelInfo]:
     for name, bundled in BUNDLED.items():
         dest = cache / name
         ready = (dest / META_FILE).is_file() and is_mlx_folder(dest)
-        infos.append(ModelInfo(name, "bundled", dest if ready else None, ready, bundled.multilingual))
+        infos.append(ModelInfo(name, "bundled", dest if ready else None, ready, bundled.multilingual,
+                               weight_bits(dest) if ready else None, size_on_disk(dest) if ready else None))
     if cache.is_dir():
         for folder in sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if folder.name in BUNDLED or not is_mlx_folder(folder):
                 continue
-            kind = "imported" if (folder / META_FILE).is_file() else "mlx"
-            infos.append(ModelInfo(folder.name, kind, folder, True, _multilingual(folder)))
+            meta = read_meta(folder)
+            kind = "quantized" if meta.get("quantization") else "imported" if meta else "mlx"
+            infos.append(ModelInfo(folder.name, kind, folder, True, _multilingual(folder), weight_bits(folder),
+                                   size_on_disk(folder)))
     return infos

@@ -95,13 +95,19 @@ def transcribe(files: tuple[Path, ...], model: str | None, batch_size: int, lang
 
 @click.group()
 def models() -> None:
-    """List and import Whisper models (converted to MLX once, cached in the models folder)."""
+    """List, import and quantise Whisper models (converted to MLX once, cached in the models folder)."""
+
+
+def _size(size_bytes: int | None) -> str:
+    if size_bytes is None:
+        return "-"
+    return f"{size_bytes / (1 << 20):.0f} MiB" if size_bytes < 1 << 30 else f"{size_bytes / (1 << 30):.2f} GiB"
 
 
 @models.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def list_command(as_json: bool) -> None:
-    """Show the models available offline: bundled ones (converted on first use) and imported ones."""
+    """Show the models available offline: bundled ones (converted on first use), imported and quantised ones."""
     from engine.model_store import list_models
 
     infos = list_models()
@@ -109,18 +115,41 @@ def list_command(as_json: bool) -> None:
     if as_json:
         rows = [
             {"name": i.name, "kind": i.kind, "path": str(i.path) if i.path else None, "ready": i.ready,
-             "multilingual": i.multilingual, "default": i.name == default}
+             "multilingual": i.multilingual, "bits": i.bits, "size_bytes": i.size_bytes, "default": i.name == default}
             for i in infos
         ]
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'name':<24} {'kind':<9} {'languages':<12} {'status':<22} path")
+    click.echo(f"{'name':<24} {'kind':<9} {'languages':<12} {'bits':>4} {'size':>9}  {'status':<22} path")
     for i in infos:
         languages = {True: "multilingual", False: "English", None: "?"}[i.multilingual]
         status = "converted" if i.ready else "converted on first use"
         marker = " (default)" if i.name == default else ""
-        click.echo(f"{i.name + marker:<24} {i.kind:<9} {languages:<12} {status:<22} {i.path or ''}")
+        bits = "-" if i.bits is None else str(i.bits)
+        click.echo(f"{i.name + marker:<24} {i.kind:<9} {languages:<12} {bits:>4} {_size(i.size_bytes):>9}  "
+                   f"{status:<22} {i.path or ''}")
     click.echo(f"\nmodels folder: {get_settings().resolved_models_dir}")
+
+
+@models.command("quantize")
+@click.argument("model")
+@click.option("--bits", type=click.Choice(["8", "4"]), required=True, help="Bits per weight: 8 (near-lossless) or 4 (smallest).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Weights sharing one scale and bias; smaller is more accurate and a little larger.")
+@click.option("--name", "-n", default=None, help="Name to use with --model. [default: MODEL-q8 or MODEL-q4]")
+def quantize_command(model: str, bits: str, group_size: str, name: str | None) -> None:
+    """Write a quantised copy of MODEL (e.g. base -> base-q4) into the models folder."""
+    import engine  # noqa: F401  (OpenBLAS before MLX)
+    from engine.errors import ModelError
+    from engine.model_store import size_on_disk
+    from engine.quantize import Quantization, quantize_model
+
+    try:
+        dest, made = quantize_model(model, Quantization(int(bits), int(group_size)), name)
+    except ModelError as e:
+        raise click.ClickException(str(e)) from e
+    verb = "quantised" if made else "already there:"
+    click.echo(f"{verb} {model} -> {dest.name} ({bits}-bit, {_size(size_on_disk(dest))}) at {dest}  (use --model {dest.name})")
 
 
 @models.command("import")
