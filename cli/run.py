@@ -1,4 +1,7 @@
-"""`archive-asr run`: enqueue PATHS, transcribe them here with one local worker, print their results.
+"""`archive-asr run`: enqueue PATHS, transcribe them here with local workers, print their results.
+
+The local workers are `archive-asr worker --per-gpu`: one per GPU of this machine (a Mac or a
+CUDA box with one card: one; a CPU-only box: one on the CPU), supervised as one process.
 
 It lives in the CLI package because it combines the scheduler (enqueue) with the worker (a local
 worker process, the reconciler, the embedded broker), which never import each other.
@@ -58,7 +61,7 @@ def _jobs(*, keys: Iterable[str] = (), ids: Iterable[int] = ()) -> list[RunJob]:
 
 
 def _start_local_worker(model: str, batch_size: str | None, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cli", "worker", "--model", model, "--no-reconcile"]
+    cmd = [sys.executable, "-m", "cli", "worker", "--per-gpu", "--model", model, "--no-reconcile"]
     if batch_size:
         cmd += ["--batch-size", batch_size]
     with open(log_path, "ab") as log_file:  # the child keeps its own copy of the descriptor
@@ -76,7 +79,7 @@ def _stop_worker(proc: subprocess.Popen, timeout_s: float = 60) -> None:
 
 
 def _drain(model: str, ids: list[int], batch_size: str | None, log_path: Path, quiet: bool) -> None:
-    """Run one local worker for `model` until none of this run's jobs is queued or running.
+    """Run the local workers for `model` until none of this run's jobs is queued or running.
 
     The worker takes its queue in priority order, so other waiting jobs of the model may run too.
     """
@@ -101,11 +104,11 @@ def _drain(model: str, ids: list[int], batch_size: str | None, log_path: Path, q
                 if proc.poll() is not None:
                     restarts += 1
                     if restarts > WORKER_RESTARTS:
-                        raise click.ClickException(f"the local worker keeps exiting; see its log: {log_path}")
+                        raise click.ClickException(f"the local workers keep exiting; see their log: {log_path}")
                     proc = _start_local_worker(model, batch_size, log_path)
                 time.sleep(0.5)
     except KeyboardInterrupt:
-        click.echo("interrupted: stopping the worker (jobs left queued run next time)", err=True)
+        click.echo("interrupted: stopping the workers (jobs left queued run next time)", err=True)
         _stop_worker(proc, timeout_s=10)
         raise SystemExit(130) from None
     finally:
@@ -160,7 +163,7 @@ def _show_results(url: str, jobs: list[RunJob]) -> None:
 @click.option("--batch-size", default=None, help="Windows per batch: 'auto' or a number.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(paths: tuple[Path, ...], model: str | None, language: str | None, batch_size: str | None, quiet: bool) -> None:
-    """Enqueue PATHS, transcribe them here with one local worker, and print their results.
+    """Enqueue PATHS, transcribe them here with one local worker per GPU (or one on the CPU), and print their results.
 
     Exits with status 1 when any of their jobs failed, printing each with its reason. An embedded
     broker that this command started is stopped at the end.

@@ -8,6 +8,7 @@ once are counted twice. The ETA is the audio left at that rate.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -27,7 +28,7 @@ MAX_PARTIALS = 50
 @dataclass(frozen=True)
 class WorkerRow:
     host: str
-    device: str | None  # as its latest transcript recorded it, e.g. "cpu", "gpu (NVIDIA H100)"
+    device: str | None  # what it computes on, e.g. "cpu", "gpu:1 (NVIDIA H100 80GB HBM3)" (see worker_device)
     running: int
     done_last_hour: int
     audio_s_last_hour: float
@@ -83,6 +84,24 @@ class Report:
         d["hours_done"] = round(self.audio_s_done / 3600, 4)
         d["hours_left"] = round(self.audio_s_left / 3600, 4)
         return d
+
+
+# A worker's Celery node name says which device it holds (worker.commands.node_name), and the job's
+# worker_host is that name plus the pid: "base-gpu1-1234@linux-gpu:1234".
+NODE_DEVICE = re.compile(r"-(cpu|gpu\d+)-\d+@")
+
+
+def worker_device(host: str | None, recorded: str | None) -> str | None:
+    """The device a worker holds: its transcripts' device string ("gpu (NVIDIA H100)") with the GPU
+    index its node name carries ("gpu1") -> "gpu:1 (NVIDIA H100)"; the name alone before its first
+    transcript; the recorded string alone for a worker whose name carries no device."""
+    match = NODE_DEVICE.search(host or "")
+    pinned = None if match is None else "cpu" if match[1] == "cpu" else f"gpu:{match[1][3:]}"
+    if recorded is None or pinned is None or pinned == "cpu":
+        return recorded or pinned
+    if recorded == "gpu" or recorded.startswith("gpu ("):  # an engine that named the card, not its index
+        return pinned + recorded[3:]
+    return recorded
 
 
 def _count_if(condition):
@@ -195,7 +214,8 @@ def build_report(*, session: Session) -> Report:
         else:
             heartbeat_text = heartbeat.isoformat() if heartbeat else None
         host_worked = worked_s(intervals.get(host, ()))
-        workers.append(WorkerRow(host=host, device=device, running=int(running or 0), done_last_hour=int(done or 0),
+        workers.append(WorkerRow(host=host, device=worker_device(host, device), running=int(running or 0),
+                                 done_last_hour=int(done or 0),
                                  audio_s_last_hour=float(seconds or 0.0), worked_s_last_hour=host_worked,
                                  audio_hours_per_hour=_rate(float(seconds or 0.0), host_worked),
                                  mean_real_time_factor=float(rtf) if rtf is not None else None,

@@ -96,3 +96,23 @@ def test_slow_engine_shows_its_fraction_and_nothing_finished_means_no_rate(db_ur
     report, text = _status()
     assert report["workers"][0]["mean_real_time_factor"] == 0.44
     assert "0.44x real time" in text
+
+
+def test_each_worker_row_says_which_device_it_holds(db_url, tmp_path: Path):
+    """Two workers on one box, one per GPU: their rows say gpu:0 and gpu:1, the card's name once known."""
+    root = tmp_path / "archive"
+    shutil.copytree(SAMPLES, root)
+    assert CliRunner().invoke(main, ["enqueue", "--no-dispatch", "-q", str(root)]).exit_code == 0
+    gpu0, gpu1, mac = "base-gpu0-4343@linux-gpu:4343", "base-gpu1-4242@linux-gpu:4242", "tiny.en-cpu-77@mac-mini-1:77"
+    with session_scope() as s:
+        first, second, third = s.scalars(select(Job.id).order_by(Job.id)).all()[:3]
+        claim_job(session=s, job_id=first, worker_host=gpu1, lease_s=60)
+        t = make_transcript([(0.0, 11.0, "my fellow Americans")], wall_s=0.1)
+        finish_job(session=s, job_id=first, transcript=replace(t, timing=replace(t.timing, device="gpu (NVIDIA H100 80GB HBM3)")))
+        claim_job(session=s, job_id=second, worker_host=gpu0, lease_s=60)  # running, nothing finished yet
+        claim_job(session=s, job_id=third, worker_host=mac, lease_s=60)
+        finish_job(session=s, job_id=third, transcript=make_transcript([(0.0, 3.0, "hello")], wall_s=0.5))
+    report, text = _status()
+    devices = {w["host"]: w["device"] for w in report["workers"]}
+    assert devices == {gpu0: "gpu:0", gpu1: "gpu:1 (NVIDIA H100 80GB HBM3)", mac: "cpu"}
+    assert "gpu:1 (NVIDIA H100 80GB HBM3)" in next(line for line in text.splitlines() if gpu1 in line)

@@ -290,7 +290,7 @@ def test_flower_without_a_password_cannot_stop_a_worker(data_dir: Path, tmp_path
                     return False
 
             wait_for(dashboard, 60, "Flower to serve its dashboard", poll_s=0.5)
-            name = f"tiny.en-{procs[0].pid}@{socket.gethostname()}"
+            name = f"tiny.en-cpu-{procs[0].pid}@{socket.gethostname()}"
             shutdown = requests.post(f"{base}/api/worker/shutdown/{name}", timeout=10)
             assert shutdown.status_code == 401
             assert requests.get(f"{base}/api/workers", timeout=10).status_code == 401  # the API is off

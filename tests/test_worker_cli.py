@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -27,10 +28,12 @@ def test_flower_refuses_the_network_without_a_password(data_dir: Path):
 def test_worker_options_for_this_platform():
     from worker.commands import is_loopback, worker_argv
 
-    argv = worker_argv(model="tiny.en", concurrency=1, loglevel="INFO")
+    argv = worker_argv(model="tiny.en", concurrency=1, loglevel="INFO", device_tag="cpu")
     assert argv[argv.index("-Q") + 1] == "asr.tiny.en"  # its model's queue only
+    assert argv[argv.index("-n") + 1] == f"tiny.en-cpu-{os.getpid()}@%h"  # Flower's name says the device
     assert "-E" in argv and "--pool=threads" in argv and "--concurrency=1" in argv
-    several = worker_argv(model="base", concurrency=66, loglevel="INFO")  # 64 rows + a prefetch of 2
+    several = worker_argv(model="base", concurrency=66, loglevel="INFO", device_tag="gpu1")  # 64 rows + a prefetch of 2
+    assert several[several.index("-n") + 1].startswith("base-gpu1-")
     assert "--pool=threads" in several and "--concurrency=66" in several  # one session, never forks
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.20")

@@ -19,12 +19,19 @@ def _fail(e: Exception) -> click.ClickException:
     return click.ClickException(str(e))
 
 
-def worker_argv(*, model: str, concurrency: int, loglevel: str) -> list[str]:
+def node_name(*, model: str, device_tag: str, pid: int) -> str:
+    """The Celery node name (Flower's worker name): model, device and pid, e.g. `base-gpu1-1234@%h`."""
+    from worker.app import queue_for_model
+
+    return f"{queue_for_model(model).removeprefix('asr.')}-{device_tag}-{pid}@%h"
+
+
+def worker_argv(*, model: str, concurrency: int, loglevel: str, device_tag: str) -> list[str]:
     """The `celery worker` arguments: one queue (one model), events on, tasks in threads.
 
-    One process holds one model and one engine session; its task threads (as many as the batch
-    has rows, plus a prefetch) each wait for their own file while the session decodes them all
-    together. Threads, never forks: MLX/Metal is not fork-safe, and rows share one device.
+    One process holds one model, one device and one engine session; its task threads (as many as
+    the batch has rows, plus a prefetch) each wait for their own file while the session decodes
+    them all together. Threads, never forks: MLX/Metal is not fork-safe, and rows share one device.
     """
     from worker.app import queue_for_model
 
@@ -32,7 +39,7 @@ def worker_argv(*, model: str, concurrency: int, loglevel: str) -> list[str]:
     return [
         "worker",
         "-Q", queue,
-        "-n", f"{queue.removeprefix('asr.')}-{os.getpid()}@%h",
+        "-n", node_name(model=model, device_tag=device_tag, pid=os.getpid()),
         "-E",
         "--pool=threads",
         f"--concurrency={concurrency}",
@@ -67,23 +74,59 @@ def _wait_for_database() -> None:
 @click.option("--loglevel", "-l", default=None, help="Log level (default: ARCHIVE_ASR_LOG_LEVEL).")
 @click.option("--reconcile/--no-reconcile", default=True, show_default=True,
               help="Also run the periodic reconciler (one per fleet acts at a time).")
-def worker(model: str | None, batch_size: str | None, prefetch: int, loglevel: str | None, reconcile: bool) -> None:
+@click.option("--device", default=None, metavar="auto|cpu|gpu|gpu:N",
+              help="Device this worker computes on; gpu:N pins the N-th GPU (default: ARCHIVE_ASR_DEVICE, auto).")
+@click.option("--per-gpu", is_flag=True,
+              help="Start one worker process per GPU of this machine (one on the CPU if it has none) and wait for them.")
+def worker(model: str | None, batch_size: str | None, prefetch: int, loglevel: str | None, reconcile: bool,
+           device: str | None, per_gpu: bool) -> None:
     """Start a worker that transcribes one model's jobs from the queue, many files at once."""
     settings = get_settings()
     model = model or settings.model
     batch = parse_batch_size(batch_size) if batch_size is not None else settings.batch_size
+    if per_gpu:
+        if device is not None:
+            raise click.ClickException("--per-gpu gives each worker its own GPU: leave out --device")
+        args = ["--model", model, "--prefetch", str(prefetch), "--reconcile" if reconcile else "--no-reconcile"]
+        args += ["--batch-size", batch_size] if batch_size is not None else []
+        args += ["--loglevel", loglevel] if loglevel else []
+        _supervise(args)
+        return
+    # The engine's device module imports no MLX: the card is pinned before anything loads MLX.
+    from engine.device import apply, device_tag, parse_device, pin
+
     try:
+        choice = parse_device(device or settings.device)
+        pin(choice)
         _wait_for_database()
-        import engine  # noqa: F401  (OpenBLAS before MLX)
+        apply(choice)
         from engine.holder import planned_rows
         from worker import config
         from worker.app import app
 
         rows = planned_rows(model, batch)
         config.configure(batch_size=rows, reconcile=reconcile)
+        tag = device_tag()
     except ArchiveAsrError as e:
         raise _fail(e) from e
-    app.worker_main(worker_argv(model=model, concurrency=rows + prefetch, loglevel=loglevel or settings.log_level))
+    app.worker_main(worker_argv(model=model, concurrency=rows + prefetch, loglevel=loglevel or settings.log_level,
+                                device_tag=tag))
+
+
+def _supervise(args: list[str]) -> None:
+    from engine.device import count_gpus
+    from worker.supervisor import supervise
+
+    try:
+        n = count_gpus()
+    except ArchiveAsrError as e:
+        raise _fail(e) from e
+    devices = [f"gpu:{i}" for i in range(n)] or ["cpu"]
+    click.echo(f"{n} GPU(s) here: starting {len(devices)} worker(s) on {', '.join(devices)}"
+               + ("" if n else " (no GPU: one worker on the CPU)"), err=True)
+    status = supervise(devices, args, echo=lambda line: click.echo(line, err=True))
+    if status:
+        raise SystemExit(status)
 
 
 @click.command()

@@ -52,7 +52,7 @@ class ClaimedJob:
 
 
 def worker_identity(hostname: str | None) -> str:
-    """Who holds a lease: the Celery node name plus the process id."""
+    """Who holds a lease: the Celery node name (model, device, pid: "base-gpu1-1234@host") plus the pid."""
     return f"{hostname or socket.gethostname()}:{os.getpid()}"
 
 

