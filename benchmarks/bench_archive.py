@@ -218,6 +218,9 @@ def main() -> None:
     outputs: dict = {}
     if args.sequential_from:  # sequential Whisper is deterministic: measured once, reused
         earlier = json.loads(args.sequential_from.read_text())
+        if "sequential_outputs" not in earlier:  # the reports kept in the repository hold texts only
+            raise SystemExit(f"{args.sequential_from}: no sequential_outputs (a report trimmed to texts); "
+                             "pass the full --json-out of a run with the seq methods")
         outputs.update(earlier["sequential_outputs"])
         results["methods"].update({m: earlier["methods"][m] for m in earlier["sequential_outputs"]})
     for method in args.methods.split(","):
