@@ -109,8 +109,30 @@ def worker(model: str | None, batch_size: str | None, prefetch: int, loglevel: s
         tag = device_tag()
     except ArchiveAsrError as e:
         raise _fail(e) from e
-    app.worker_main(worker_argv(model=model, concurrency=rows + prefetch, loglevel=loglevel or settings.log_level,
-                                device_tag=tag))
+    code = 0
+    try:
+        app.worker_main(worker_argv(model=model, concurrency=rows + prefetch, loglevel=loglevel or settings.log_level,
+                                    device_tag=tag))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    _leave(code)
+
+
+def _leave(code: int) -> None:
+    """End the worker process without the interpreter's teardown.
+
+    By now the warm shutdown is over: every finished job is saved, the engine session and its
+    decoders are closed (worker.lifecycle). Running C++ static destructors after that once
+    aborted a worker that had stopped cleanly ("terminate called without an active exception",
+    exit status 134, in CI), which `--per-gpu` reports as a failed worker.
+    """
+    import logging
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _supervise(args: list[str]) -> None:
