@@ -146,7 +146,10 @@ class LeaseKeeper(threading.Thread):
                 with session_scope() as s:
                     for job_id in held:
                         if not renew_lease(session=s, job_id=job_id, worker_host=self.holder, lease_s=self.lease_s):
-                            self.lost.add(job_id)
+                            with self._guard:
+                                if job_id not in self._jobs:
+                                    continue  # finished and released since `held` was taken: not lost
+                                self.lost.add(job_id)
                             log.warning("job %s: lease lost (taken back by the reconciler)", job_id)
             except Exception as e:  # keep trying: the lease has lease_s of slack
                 log.warning("could not renew the leases of %d job(s): %s", len(held), str(e).splitlines()[0])

@@ -191,11 +191,16 @@ def _run_job(job_id: int, holder: str, lease_s: float) -> dict:
             solo=job.attempts >= 1,
             on_start=lambda: _start_attempt(job.job_id, holder),
         )
+        error = None
         try:
             transcript = future.result()
         except Exception as e:
-            return _record_failure(job, e)
-        return _save(job, holder, transcript)
+            error = e
+        finally:
+            # the file is done: recording its outcome ends the lease, and a renewal racing that
+            # write would read as "lease lost"
+            keeper.release(job.job_id)
+        return _record_failure(job, error) if error is not None else _save(job, holder, transcript)
     except Exception as e:  # the model would not load, the database went away: the job's own failure
         return _record_failure(job, e)
     finally:
