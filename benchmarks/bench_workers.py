@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from worker.supervisor import stop_gracefully  # noqa: E402
+
 SHARED_AUDIO = REPO.parent / "shared" / "audio"
 MODEL = "tiny.en"
 CLIPS = (
@@ -92,13 +96,7 @@ class Worker:
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_gracefully(self.proc, 60)
 
 
 def warm_up(workers: list[Worker], tmp: Path, tag: str) -> None:

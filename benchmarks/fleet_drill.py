@@ -42,6 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from worker.supervisor import stop_gracefully  # noqa: E402
+
 # warmup: one pass with both workers, not measured. A fresh GPU machine compiles MLX's CUDA kernels
 # on their first use (cached on disk after): the first pass on an H100 ran 28 rounds in 105 s of
 # device time where a warm one takes ~19 s, and would count that against whichever phase ran first.
@@ -186,13 +188,7 @@ class Worker:
             time.sleep(POLL_S)
 
     def stop(self, timeout_s: float = 60) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # warm: the files in hand are finished
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_gracefully(self.proc, timeout_s)
         self._log.close()
 
 

@@ -9,7 +9,6 @@ worker process, the reconciler, the embedded broker), which never import each ot
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from scheduler.commands import enqueue_paths
 from scheduler.enqueue import EnqueueError, job_spec
 from scheduler.export import printable
 from worker.cli_options import parse_batch_size
+from worker.supervisor import stop_gracefully
 
 CHUNK = 500  # job ids per IN (...) list
 SHOW_ROWS = 50  # results shown in the table (and named in the query) at most
@@ -68,16 +68,6 @@ def _start_local_worker(model: str, batch_size: str | None, log_path: Path) -> s
         return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def _stop_worker(proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # warm shutdown: finishes the job in hand
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _drain(model: str, ids: list[int], batch_size: str | None, log_path: Path, quiet: bool) -> None:
     """Run the local workers for `model` until none of this run's jobs is queued or running.
 
@@ -109,10 +99,10 @@ def _drain(model: str, ids: list[int], batch_size: str | None, log_path: Path, q
                 time.sleep(0.5)
     except KeyboardInterrupt:
         click.echo("interrupted: stopping the workers (jobs left queued run next time)", err=True)
-        _stop_worker(proc, timeout_s=10)
+        stop_gracefully(proc, timeout_s=10)
         raise SystemExit(130) from None
     finally:
-        _stop_worker(proc)
+        stop_gracefully(proc)
 
 
 # The query `run` shows at the end, over this run's jobs; it runs as is on SQLite and PostgreSQL.

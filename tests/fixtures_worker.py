@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.supervisor import stop_gracefully
+
 REPO = Path(__file__).resolve().parents[1]
 LEASE_S = 6  # short leases: a killed worker's job comes back within seconds
 TEST_MODEL = "tiny.en"
@@ -115,13 +117,7 @@ class WorkerProcess:
         self.proc.wait(timeout=10)
 
     def stop(self, timeout_s: float = 30) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_gracefully(self.proc, timeout_s)
         self._log.close()
 
     def log(self) -> str:

@@ -70,6 +70,18 @@ def supervise(devices: list[str], args: list[str], *, echo: Callable[[str], None
     return status or next((exit_status(p.returncode) for p in children.values() if p.returncode), 0)
 
 
+def stop_gracefully(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM a worker (or supervisor) process: its warm shutdown finishes the files in hand;
+    SIGKILL it if it has not exited after ``timeout_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def exit_status(returncode: int) -> int:
     """A child's status as a shell reports it: 128 + N for a child killed by signal N."""
     return 128 - returncode if returncode < 0 else returncode
