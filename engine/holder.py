@@ -91,8 +91,9 @@ def read_config(folder: Path) -> tuple[ModelDimensions, dict | None]:
     return dims, quantization
 
 
-def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> tuple[Whisper, ModelDimensions]:
-    """Load an mlx-whisper model folder, checking that every weight is there, cast to ``dtype``."""
+def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> tuple[Whisper, ModelDimensions, dict | None]:
+    """Load an mlx-whisper model folder, checking that every weight is there, cast to ``dtype``;
+    also its quantisation settings (None: full precision)."""
     dims, quantization = read_config(folder)
     weight_file = next((folder / w for w in WEIGHT_FILES if (folder / w).is_file()), None)
     if weight_file is None:
@@ -125,7 +126,7 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> tuple[Whisper, ModelDimens
 
     model.update(tree_unflatten([(k, cast(v)) for k, v in weights.items()]))
     mx.eval(model.parameters())
-    return model, dims
+    return model, dims, quantization
 
 
 def planned_rows(name: str | None = None, batch_size: int = 0) -> int:
@@ -187,8 +188,7 @@ def get_model(name: str | None = None) -> LoadedModel:
             clear_cache()
         folder = resolve_model(name)
         dtype = default_dtype()
-        model, dims = load_mlx_folder(folder, dtype)
-        _, quantization = read_config(folder)
+        model, dims, quantization = load_mlx_folder(folder, dtype)
         meta = read_meta(folder)
         if meta.get("alignment_heads"):
             model.set_alignment_heads(np.asarray(meta["alignment_heads"], dtype=np.int64))

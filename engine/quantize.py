@@ -95,7 +95,7 @@ def _write(folder: Path, dest: Path, *, name: str, source: str, quantization: Qu
     source_meta = read_meta(folder)
     # Quantise from the weights as stored (float16 for Whisper): no cast before the rounding.
     dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}.get(stored_dtype(folder) or "", mx.float16)
-    model, dims = load_mlx_folder(folder, dtype)
+    model, dims, _ = load_mlx_folder(folder, dtype)
     if source_meta.get("alignment_heads"):
         model.set_alignment_heads(np.asarray(source_meta["alignment_heads"], dtype=np.int64))
     n_layers = quantize_in_place(model, quantization)
