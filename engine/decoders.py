@@ -126,10 +126,15 @@ class DecoderPool:
             if self._closed:
                 raise RuntimeError("decoder pool closed")
             decoder = self._idle.pop() if self._idle else None
-        if decoder is None or not decoder.alive():
+        if decoder is not None and not decoder.alive():  # died while idle (killed from outside): reap it
+            with self._lock:
+                self._all.discard(decoder)
+            decoder.close()
+            decoder = None
+        if decoder is None:
             decoder = Decoder()
-        with self._lock:
-            self._all.add(decoder)
+            with self._lock:
+                self._all.add(decoder)
         finished = False
         try:
             yield from decoder.chunks(Path(path), chunk_s, report)

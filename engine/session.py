@@ -34,7 +34,6 @@ from mlx_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RA
 
 from archive_asr.records import Timing, Transcript
 from engine import holder, words
-from engine.audio import iter_audio
 from engine.decode import TokenRules, WindowResult, decode_batch
 from engine.decoders import DecoderPool
 from engine.encode import encode
@@ -97,7 +96,6 @@ class Session:
         options: EngineOptions = EngineOptions(),
         min_region_s: float | None = MIN_REGION_S,
         prepare_threads: int = 0,
-        decoder_processes: bool = True,
     ):
         self.loaded = holder.get_model(model_name)
         self.model = self.loaded.model
@@ -118,7 +116,7 @@ class Session:
         threads = prepare_threads or max(2, min(MAX_PREPARE_THREADS, (os.cpu_count() or 2) - 1))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
         # each preparing thread decodes containers in a child process (engine.decoders says why)
-        self._decoders = DecoderPool() if decoder_processes else None
+        self._decoders = DecoderPool()
         self._cond = threading.Condition()
         self._waiting: deque[FileState] = deque()  # prepared, waiting for a row
         self._preparing = 0  # submitted, not yet prepared
@@ -161,7 +159,7 @@ class Session:
         try:
             if on_start is not None:
                 on_start()
-            p = prepare(item, self.loaded.dims.n_mels, decode=self._decoders.iter_audio if self._decoders else iter_audio)
+            p = prepare(item, self.loaded.dims.n_mels, decode=self._decoders.iter_audio)
             state.mel, state.audio_s, state.decoded_s, state.warnings = p.mel, p.audio_s, p.decoded_s, p.warnings
             with self._cond:
                 self.stats.files += 1
@@ -220,8 +218,7 @@ class Session:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._decoders is not None:
-            self._decoders.close()
+        self._decoders.close()
         for row in self._rows:
             if row.file.mel is not None:
                 row.file.mel.close()
