@@ -172,9 +172,11 @@ def wer_table(manifest: dict, texts: dict[str, str]) -> dict:
     out = {}
     for long_file in ("mix", "read2"):
         names = [k for k in en_sets if manifest["sets"][k].get("long_file") == long_file]
-        out[f"{long_file}-pieces"] = round(100 * set_wer(manifest, texts, names)[0], 2)
+        if names:
+            out[f"{long_file}-pieces"] = round(100 * set_wer(manifest, texts, names)[0], 2)
     for name in ("mix-whole", "read2-whole", "lj-whole"):
-        out[name] = round(100 * set_wer(manifest, texts, [name])[0], 2)
+        if name in manifest["sets"]:
+            out[name] = round(100 * set_wer(manifest, texts, [name])[0], 2)
     clips = [k for k in en_sets if k.startswith("clip-")]
     out["en-clips"] = round(100 * set_wer(manifest, texts, clips)[0], 2)
     out["overall-en"] = round(100 * set_wer(manifest, texts, en_sets)[0], 2)

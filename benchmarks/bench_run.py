@@ -56,6 +56,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "cli", "run", str(args.archive), "--model", args.model, "--quiet"]
     if args.batch_size:
         cmd += ["--batch-size", args.batch_size]
+    t0_wall = time.time()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -82,9 +83,14 @@ def main() -> None:
     ends = [_ts(r[3]) for r in rows if r[3]]
     span = max(ends) - min(starts) if starts and ends else float("nan")
     totals = {}
+    session_up: list[float] = []
     for log in (data / "logs").glob("*.log"):
-        for m in re.finditer(r"worker totals: (\{.*\})", log.read_text(errors="replace")):
+        text = log.read_text(errors="replace")
+        for m in re.finditer(r"worker totals: (\{.*\})", text):
             totals = json.loads(m.group(1))
+        # "[2026-11-27 23:21:40,422: INFO/MainProcess] engine session: ..." (local time)
+        for m in re.finditer(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): [^]]*\] engine session:", text):
+            session_up.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000)
     result = {
         "exit_code": proc.returncode,
         "jobs": status,
@@ -94,6 +100,13 @@ def main() -> None:
         "jobs_span_s": round(span, 2),
         "x_real_time_jobs_span": round(audio_s / span, 1),
         "worker_totals": totals,
+        # seconds from the command's start: where the time outside the jobs went
+        "timeline_s": {
+            "model_loaded": round(min(session_up) - t0_wall, 2) if session_up else None,
+            "first_job_started": round(min(starts) - t0_wall, 2) if starts else None,
+            "last_job_finished": round(max(ends) - t0_wall, 2) if ends else None,
+            "command_ended": round(wall, 2),
+        },
     }
     if all(f["path"] in texts for f in manifest["files"]):
         result["wer"] = wer_table(manifest, texts)

@@ -22,8 +22,10 @@ import argparse
 import csv
 import json
 import random
+import os
 import shutil
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +102,21 @@ def write_audio(path: Path, audio: np.ndarray) -> None:
             out.mux(packet)
 
 
-def build(shared: Path, out: Path, tilings: int, multilingual: bool, seed: int) -> dict:
+_long_audio: dict[str, np.ndarray] = {}
+
+
+def _load_long(shared: Path) -> None:
+    """A builder process's copy of the English long files."""
+    for name in ("mix", "read2"):
+        _long_audio[name] = load_audio(shared / LONG[name])
+
+
+def _write_piece(piece: tuple[str, Path, float, float]) -> None:
+    name, path, a, b = piece
+    write_audio(path, _long_audio[name][int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)])
+
+
+def build(shared: Path, out: Path, tilings: int, multilingual: bool, seed: int, jobs: int = 1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     files: list[dict] = []
     sets: dict[str, dict] = {}
@@ -119,9 +135,9 @@ def build(shared: Path, out: Path, tilings: int, multilingual: bool, seed: int) 
 
     rng = random.Random(seed)
     container = 0
+    pieces: list[tuple[str, Path, float, float]] = []  # (long file, path, start_s, end_s): planned here, written in parallel
     for name in ("mix", "read2"):
-        audio = load_audio(shared / LONG[name])
-        total_s = len(audio) / SAMPLE_RATE
+        total_s = len(load_audio(shared / LONG[name])) / SAMPLE_RATE
         reference = (shared / LONG[name]).with_suffix(".txt").read_text().strip()
         spans = units(shared, name)
         for k in range(tilings):
@@ -132,9 +148,11 @@ def build(shared: Path, out: Path, tilings: int, multilingual: bool, seed: int) 
             for order, (a, b) in enumerate(tiling(spans, total_s, rng)):
                 ext = CONTAINERS[container % len(CONTAINERS)]
                 container += 1
-                piece = audio[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)]
-                write_audio(folder / f"{order:02d}.{ext}", piece)
+                pieces.append((name, folder / f"{order:02d}.{ext}", a, b))
                 add(f"{set_name}/{order:02d}.{ext}", set_name, order, b - a, "en")
+    # encoding MP3/Opus/AAC is most of the build: one process per core (a 30-hour fleet archive)
+    with ProcessPoolExecutor(jobs, initializer=_load_long, initargs=(shared,)) as pool:
+        list(pool.map(_write_piece, pieces, chunksize=4))
 
     clip_dirs = ["en", "formats"] + (["multi"] if multilingual else [])
     for folder in clip_dirs:
@@ -165,8 +183,9 @@ def main() -> None:
     ap.add_argument("--tilings", type=int, default=9, help="cuts of each English long file (each covers it whole)")
     ap.add_argument("--english-only", action="store_true", help="leave out multi/ (for English-only models)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes writing pieces")
     args = ap.parse_args()
-    m = build(args.shared, args.out, args.tilings, not args.english_only, args.seed)
+    m = build(args.shared, args.out, args.tilings, not args.english_only, args.seed, args.jobs)
     hours = sum(f["seconds"] for f in m["files"]) / 3600
     print(f"{len(m['files'])} files, {hours:.2f} h of audio, {len(m['sets'])} sets -> {args.out / 'manifest.json'}")
 

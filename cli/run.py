@@ -31,6 +31,7 @@ from worker.supervisor import stop_gracefully
 CHUNK = 500  # job ids per IN (...) list
 SHOW_ROWS = 50  # results shown in the table (and named in the query) at most
 WORKER_RESTARTS = 3
+POLL_S = 0.25  # how often the run looks at its jobs' states
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,53 @@ def _start_local_worker(model: str, batch_size: str | None, log_path: Path) -> s
         return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def _drain(model: str, ids: list[int], batch_size: str | None, log_path: Path, quiet: bool) -> None:
-    """Run the local workers for `model` until none of this run's jobs is queued or running.
+class LocalWorkers:
+    """The run's local workers (`worker --per-gpu`), started once, at the first job sent: their
+    imports and model load (seconds; more on a GPU) overlap the scan and hashing still going on,
+    and a run with nothing new to do starts none."""
+
+    def __init__(self, model: str, batch_size: str | None, log_path: Path):
+        self.model, self.batch_size, self.log_path = model, batch_size, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> subprocess.Popen:
+        if self.proc is None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.proc = _start_local_worker(self.model, self.batch_size, self.log_path)
+        return self.proc
+
+    def restart(self) -> subprocess.Popen:
+        self.proc = None
+        return self.start()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        if self.proc is not None:
+            stop_gracefully(self.proc, **({"timeout_s": timeout_s} if timeout_s else {}))
+
+
+class StartingDispatch(BrokerDispatch):
+    """Sends each chunk of new jobs as enqueue commits it, and starts the local workers with the first."""
+
+    def __init__(self, workers: LocalWorkers):
+        super().__init__()
+        self.workers = workers
+
+    def __call__(self, job_ids):
+        sent = super().__call__(job_ids)
+        if sent:
+            self.workers.start()
+        return sent
+
+
+def _drain(workers: LocalWorkers, ids: list[int], quiet: bool) -> None:
+    """Run the local workers until none of this run's jobs is queued or running.
 
     The worker takes its queue in priority order, so other waiting jobs of the model may run too.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    proc = _start_local_worker(model, batch_size, log_path)
+    model = workers.model
+    proc = workers.start()
     restarts = 0
     progress = Progress(
         TextColumn(f"[bold]{model}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
@@ -94,15 +134,13 @@ def _drain(model: str, ids: list[int], batch_size: str | None, log_path: Path, q
                 if proc.poll() is not None:
                     restarts += 1
                     if restarts > WORKER_RESTARTS:
-                        raise click.ClickException(f"the local workers keep exiting; see their log: {log_path}")
-                    proc = _start_local_worker(model, batch_size, log_path)
-                time.sleep(0.5)
+                        raise click.ClickException(f"the local workers keep exiting; see their log: {workers.log_path}")
+                    proc = workers.restart()
+                time.sleep(POLL_S)
     except KeyboardInterrupt:
         click.echo("interrupted: stopping the workers (jobs left queued run next time)", err=True)
-        stop_gracefully(proc, timeout_s=10)
+        workers.stop(timeout_s=10)
         raise SystemExit(130) from None
-    finally:
-        stop_gracefully(proc)
 
 
 # The query `run` shows at the end, over this run's jobs; it runs as is on SQLite and PostgreSQL.
@@ -176,18 +214,19 @@ def run(paths: tuple[Path, ...], model: str | None, language: str | None, batch_
         raise click.ClickException(str(e)) from e
     if started_broker:
         click.echo(f"started the embedded Valkey broker on {address}; this run stops it when it ends", err=True)
+    workers = LocalWorkers(spec.model, batch_size, settings.data_dir / "logs" / "run-worker.log")
     try:
-        summary = enqueue_paths(paths=[str(p) for p in paths], spec=spec, send=BrokerDispatch(), quiet=quiet)
-        run_reconcile(force=True, grace=0)  # jobs left from an earlier, interrupted run
+        # jobs left from an earlier, interrupted run: before this run's jobs exist and its workers
+        # start, so the pass never races a worker that is receiving a message
+        run_reconcile(force=True, grace=0)
+        summary = enqueue_paths(paths=[str(p) for p in paths], spec=spec, send=StartingDispatch(workers), quiet=quiet)
         jobs = _jobs(keys=summary.job_keys)
         ids = [j.id for j in jobs]
         if any(j.status in ("queued", "running") for j in jobs):
-            log_dir = settings.data_dir / "logs"
-            log_dir.mkdir(parents=True, exist_ok=True)
             reconciler = ReconcileThread()
             reconciler.start()
             try:
-                _drain(spec.model, ids, batch_size, log_dir / "run-worker.log", quiet)
+                _drain(workers, ids, quiet)
             finally:
                 reconciler.stop()
                 reconciler.join(timeout=30)  # a pass in flight finishes before the broker may stop
@@ -195,6 +234,7 @@ def run(paths: tuple[Path, ...], model: str | None, language: str | None, batch_
     except ArchiveAsrError as e:
         raise click.ClickException(str(e)) from e
     finally:
+        workers.stop()
         if started_broker:
             from worker.broker import stop_embedded
 

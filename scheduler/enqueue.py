@@ -5,7 +5,8 @@ rehashes only those whose size or mtime changed. A job is unique per (sha256, mo
 word timestamps) (`jobs.key`): identical content at two paths is one job; a file moved to a new
 path (the old path gone) takes over its old row; a changed file gets a new job for its new content.
 Work goes in chunks of CHUNK files, one short transaction each, so 100,000 files never hold one
-long transaction or one huge IN list.
+long transaction or one huge IN list; the first chunks are smaller, so the first jobs reach the
+workers while the rest is still being hashed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from models.tables import File, Job, JobStatus, job_key
 from scheduler.scan import Found, Scanner, Skipped
 
 CHUNK = 500  # files per transaction
+FIRST_CHUNK = 25  # the first chunks are smaller (25, 50, 100, ...): workers get jobs after seconds, not 500 files' hashing
 HASH_BLOCK = 1 << 20  # 1 MiB reads: large enough for a NAS, small enough to show progress
 HASH_THREADS = 4  # hashing is I/O-bound (hashlib releases the GIL); a NAS wants several reads in flight
 
@@ -159,10 +161,13 @@ def hash_file(path_bytes: bytes, on_bytes: Callable[[int], None] | None = None) 
     return digest.hexdigest()
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
+def _chunks(items: Iterable, size: int, first: int | None = None) -> Iterator[list]:
+    """Lists of ``size`` items; with ``first``, the first lists ramp up from it, doubling."""
     it = iter(items)
-    while batch := list(islice(it, size)):
+    n = min(first or size, size)
+    while batch := list(islice(it, n)):
         yield batch
+        n = min(2 * n, size)
 
 
 def _insert_ignoring_conflicts(session: Session, model):
@@ -198,11 +203,15 @@ class Enqueuer:
 
     def run(self, paths: list[str | bytes], *, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Summary:
         scanner = Scanner(include=include, exclude=exclude)
-        found = list(self._found(scanner.scan(paths)))
+        # Largest first: each chunk is dispatched as it is written, and a worker decodes a file's
+        # windows one after another, so a long file sent last is a tail the whole fleet waits on.
+        # Size stands in for the duration, which only probing (in _write) reads; each chunk's
+        # messages are then sent longest first by their probed durations (worker.dispatch).
+        found = sorted(self._found(scanner.scan(paths)), key=lambda f: -f.size)
         self.summary.not_audio = scanner.not_audio
         self.summary.excluded = scanner.excluded
         # First look every path up (reads only), so the progress bar knows how much there is to hash.
-        plan = [self._classify(batch) for batch in _chunks(found, CHUNK)]
+        plan = [self._classify(batch) for batch in _chunks(found, CHUNK, FIRST_CHUNK)]
         with ThreadPoolExecutor(HASH_THREADS) as pool:
             if self.dry_run:
                 for unchanged, to_hash in plan:

@@ -182,3 +182,26 @@ def test_new_jobs_are_dispatched_to_a_real_broker(db_url, folder, redis_url, mon
         assert "dispatched" not in again.stdout  # nothing new, nothing sent
     finally:
         redis.Redis.from_url(url).flushdb()
+
+
+def test_jobs_reach_the_workers_in_growing_chunks_largest_files_first(db_url, tmp_path, shared_audio, monkeypatch):
+    """A big scan dispatches its first jobs after a few files, not after a whole chunk's hashing,
+    and the largest files go first (a long file dispatched last is a tail the fleet waits on)."""
+    import scheduler.enqueue
+    from scheduler.enqueue import Enqueuer, job_spec
+
+    root = tmp_path / "many"
+    root.mkdir()
+    clips = sorted(p for p in (shared_audio / "en").glob("librispeech_*") if p.suffix in (".wav", ".flac"))[:7]
+    for i, clip in enumerate(clips):
+        shutil.copy2(clip, root / f"{i:02d}{clip.suffix}")
+    monkeypatch.setattr(scheduler.enqueue, "FIRST_CHUNK", 2)
+    monkeypatch.setattr(scheduler.enqueue, "CHUNK", 4)
+    sent: list[list[int]] = []
+    spec = job_spec(model="tiny.en", language=None, word_timestamps=True, priority=0)
+    summary = Enqueuer(spec=spec, on_jobs=lambda ids: sent.append(list(ids))).run([str(root)])
+    assert [len(c) for c in sent] == [2, 4, 1]  # 2, then doubling up to CHUNK
+    with session_scope() as s:
+        size = {j.id: os.path.getsize(j.path) for j in s.scalars(select(Job))}
+    order = [size[i] for chunk in sent for i in chunk]
+    assert order == sorted(order, reverse=True) and len(summary.new_jobs) == 7

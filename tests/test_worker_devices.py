@@ -68,6 +68,9 @@ def test_per_gpu_on_a_cpu_box_runs_one_cpu_worker_named_for_its_device(shared_au
         [node] = set(re.findall(r"(tiny\.en-cpu-\d+)@", text))  # Celery's banner: the node name says the device
         child_pid = int(node.rsplit("-", 1)[1])
         assert child_pid != supervisor.pid  # the worker is a child; the supervisor holds no device
+        # the model loads at start-up, before any job: a fleet's first jobs do not wait for it
+        wait_for(lambda: f"engine session: model {TEST_MODEL}" in log_path.read_text(errors="replace"), 60,
+                 "the model to load with no job queued")
 
         enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:1]))
         [row] = wait_until_settled(120)

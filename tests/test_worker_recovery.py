@@ -55,7 +55,9 @@ def test_sigkilled_worker_loses_nothing(redis_url: str, pg_url: str, shared_audi
     emptied.write_bytes(b"")
     assert len(ids) == 20
 
-    with workers(env, tmp_path, 2) as (victim, survivor):
+    # Four rows (six jobs in hand) each: whichever worker is ready first cannot take the whole
+    # queue before the other has started, so both hold jobs.
+    with workers(env, tmp_path, 2, "--batch-size", "4") as (victim, survivor):
         # Kill the victim in the middle of a job: once it holds real audio (seconds of work, where
         # a bad file fails in milliseconds) and has started on it.
         def victim_jobs():

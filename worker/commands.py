@@ -105,7 +105,7 @@ def worker(model: str | None, batch_size: str | None, prefetch: int, loglevel: s
         from worker.app import app
 
         rows = planned_rows(model, batch)
-        config.configure(batch_size=rows, reconcile=reconcile)
+        config.configure(batch_size=rows, reconcile=reconcile, model=model)
         tag = device_tag()
     except ArchiveAsrError as e:
         raise _fail(e) from e

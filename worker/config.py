@@ -12,6 +12,7 @@ PREFETCH_JOBS = 2  # jobs held beyond the batch rows, prepared while the rows de
 @dataclass(frozen=True)
 class WorkerConfig:
     batch_size: int = 0  # batch rows of the engine session; 0 = from the device's memory
+    model: str | None = None  # the model this worker serves (its session loads it at start-up)
     reconcile: bool = True  # run the periodic reconciler in this worker
 
 

@@ -100,6 +100,8 @@ def totals() -> dict:
             "audio_s": round(st.audio_s, 2),
             "rows": _session.batch_size,
             "rounds": st.rounds,
+            "windows": st.windows,
+            "idle_rows": st.idle_rows,  # rows left empty, summed over rounds
             "splits": st.splits,
             "device_s": round(st.device_s, 3),
             "encode_s": round(st.encode_s, 3),

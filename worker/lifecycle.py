@@ -1,11 +1,17 @@
 """What a worker process starts beside its tasks, and stops when it shuts down: the periodic
 reconciler (unless disabled), saving transcripts a dead predecessor spooled, and the engine
-session with its lease keeper."""
+session with its lease keeper.
+
+The session (the model) is loaded as soon as the worker is ready, not at its first job: imports,
+CUDA's start and the weights take seconds, which otherwise every fleet pays after its first
+enqueue instead of while it waits. A model that cannot load is logged here and fails each job
+that asks for it, as before."""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 
 from celery import signals
 
@@ -34,6 +40,16 @@ def _start_background(sender=None, **_kwargs) -> None:
         reconciler = ReconcileThread()
         reconciler.start()
         _threads.append(reconciler)
+    if config.current().model:
+        threading.Thread(target=_load_session, name="load-model", daemon=True).start()
+
+
+def _load_session() -> None:
+    cfg = config.current()
+    try:
+        engine_host.session(cfg.model, cfg.batch_size)
+    except Exception as e:  # the first job asking for the model meets the error again and records it
+        log.warning("could not load model %s at start-up: %s", cfg.model, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 @signals.worker_shutdown.connect

@@ -12,7 +12,11 @@
 #   fleet:   fleet_drill.py on two GPUs (nvidia-h100-x2): PostgreSQL from pgserver, the embedded Valkey
 #            with its password, one worker vs one per GPU, a worker SIGKILLed, the broker SIGKILLed;
 #            PHASES=build,tp1,tp2 then PHASES=kill,broker in a second call if one call's 9 minutes
-#            do not hold them all (state in /tmp/fleet)
+#            do not hold them all (state in /tmp/fleet); TILINGS sets the archive's size (96: ~30 h)
+#   twogpu:  one call, both cards: GPU 0 runs the engine alone and `archive-asr run` (bench_run.py) on
+#            /tmp/archive, then on the fleet's larger archive (BIG, if built), and the engine with its
+#            tail cut (CUTS, e.g. 90,150); GPU 1 meanwhile runs base full / 8 / 4-bit on /tmp/archive
+#            and sequential mlx-whisper with words (the x sequential figure of the same call)
 # Results: printed, and JSON under $OUT (the device tool brings $OUT back).
 set -euo pipefail
 mode=${1:-archive}
@@ -56,7 +60,34 @@ case "$mode" in
     ;;
   fleet)
     python3 benchmarks/fleet_drill.py --work /tmp/fleet --out "$out" --audio-root $x/audio --models-dir $x/models \
-      --phases "${PHASES:-all}" --budget-s "${BUDGET_S:-520}" 2>&1 | grep -v '^INFO' | tee "$out/fleet.log"
+      --phases "${PHASES:-all}" --budget-s "${BUDGET_S:-520}" --tilings "${TILINGS:-13}" 2>&1 | grep -v '^INFO' | tee "$out/fleet.log"
     ;;
-  *) echo "usage: $0 prepare|archive|engine|lone|run|quant|fleet" >&2; exit 2 ;;
+  twogpu)
+    (  # GPU 1: quantised variants on the archive, then sequential with words
+      export CUDA_VISIBLE_DEVICES=1
+      python3 benchmarks/bench_quant.py --models base --variants full,8,4 --shared $x/audio --long-files '' \
+        --archive $archive --fixed-batch 0 --json-out "$out/gpu1_quant_archive.json" > "$out/gpu1_quant.log" 2>&1
+      python3 benchmarks/bench_archive.py --archive $archive --model base --methods seq-words \
+        --json-out "$out/gpu1_seq_words.json" > "$out/gpu1_seq.log" 2>&1
+    ) &
+    gpu1=$!
+    export CUDA_VISIBLE_DEVICES=0
+    e2e() {  # $1: archive folder (with manifest.json), $2: name
+      python3 benchmarks/bench_archive.py --archive "$1" --model base --methods engine-words \
+        --json-out "$out/gpu0_engine_$2.json" 2>&1 | grep -v '^INFO' | tail -30 | tee "$out/gpu0_engine_$2.log"
+      python3 benchmarks/bench_run.py --archive "$1" --model base --compare "$out/gpu0_engine_$2.json" \
+        --json-out "$out/gpu0_run_$2.json" 2>&1 | tail -60 | tee "$out/gpu0_run_$2.log"
+    }
+    e2e $archive small
+    for cut in ${CUTS//,/ }; do
+      python3 benchmarks/bench_archive.py --archive $archive --model base --methods engine-words --min-region-s "$cut" \
+        --json-out "$out/gpu0_engine_cut$cut.json" 2>&1 | grep -v '^INFO' | tail -20 | tee "$out/gpu0_engine_cut$cut.log"
+    done
+    if [ -n "${BIG:-}" ] && [ -d /tmp/fleet/archive/files ]; then
+      cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
+      e2e /tmp/fleet/archive/files big
+    fi
+    wait $gpu1 || echo "GPU 1's runs failed: see $out/gpu1_*.log"
+    ;;
+  *) echo "usage: $0 prepare|archive|engine|lone|run|quant|fleet|twogpu" >&2; exit 2 ;;
 esac
