@@ -71,6 +71,10 @@ def test_per_gpu_on_a_cpu_box_runs_one_cpu_worker_named_for_its_device(shared_au
         # the model loads at start-up, before any job: a fleet's first jobs do not wait for it
         wait_for(lambda: f"engine session: model {TEST_MODEL}" in log_path.read_text(errors="replace"), 60,
                  "the model to load with no job queued")
+        # its task threads: one per row plus a prefetch of a quarter of the rows (at least 2)
+        rows = int(re.search(r"engine session: model \S+, (\d+) rows", log_path.read_text(errors="replace")).group(1))
+        threads = int(re.search(r"concurrency: (\d+) \(thread\)", text).group(1))
+        assert threads - rows == max(2, rows // 4), (rows, threads)
 
         enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:1]))
         [row] = wait_until_settled(120)

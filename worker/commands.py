@@ -12,7 +12,7 @@ import click
 from archive_asr.errors import ArchiveAsrError, ConfigError
 from archive_asr.settings import get_settings
 from worker.cli_options import parse_batch_size
-from worker.config import PREFETCH_JOBS
+from worker.config import PREFETCH_JOBS, default_prefetch
 
 
 def _fail(e: Exception) -> click.ClickException:
@@ -69,8 +69,8 @@ def _wait_for_database() -> None:
 @click.command()
 @click.option("--model", "-m", default=None, help="Whisper model this worker serves (default: ARCHIVE_ASR_MODEL).")
 @click.option("--batch-size", default=None, help="Batch rows (files decoded together): 'auto' (from device memory) or a number.")
-@click.option("--prefetch", type=click.IntRange(0, 64), default=PREFETCH_JOBS, show_default=True,
-              help="Jobs held beyond the batch rows, decoded from disk while the rows run.")
+@click.option("--prefetch", type=click.IntRange(0, 256), default=None,
+              help=f"Jobs held beyond the batch rows, decoded from disk while the rows run (default: a quarter of the rows, at least {PREFETCH_JOBS}).")
 @click.option("--loglevel", "-l", default=None, help="Log level (default: ARCHIVE_ASR_LOG_LEVEL).")
 @click.option("--reconcile/--no-reconcile", default=True, show_default=True,
               help="Also run the periodic reconciler (one per fleet acts at a time).")
@@ -78,7 +78,7 @@ def _wait_for_database() -> None:
               help="Device this worker computes on; gpu:N pins the N-th GPU (default: ARCHIVE_ASR_DEVICE, auto).")
 @click.option("--per-gpu", is_flag=True,
               help="Start one worker process per GPU of this machine (one on the CPU if it has none) and wait for them.")
-def worker(model: str | None, batch_size: str | None, prefetch: int, loglevel: str | None, reconcile: bool,
+def worker(model: str | None, batch_size: str | None, prefetch: int | None, loglevel: str | None, reconcile: bool,
            device: str | None, per_gpu: bool) -> None:
     """Start a worker that transcribes one model's jobs from the queue, many files at once."""
     settings = get_settings()
@@ -87,7 +87,8 @@ def worker(model: str | None, batch_size: str | None, prefetch: int, loglevel: s
     if per_gpu:
         if device is not None:
             raise click.ClickException("--per-gpu gives each worker its own GPU: leave out --device")
-        args = ["--model", model, "--prefetch", str(prefetch), "--reconcile" if reconcile else "--no-reconcile"]
+        args = ["--model", model, "--reconcile" if reconcile else "--no-reconcile"]
+        args += ["--prefetch", str(prefetch)] if prefetch is not None else []
         args += ["--batch-size", batch_size] if batch_size is not None else []
         args += ["--loglevel", loglevel] if loglevel else []
         _supervise(args)
@@ -111,7 +112,8 @@ def worker(model: str | None, batch_size: str | None, prefetch: int, loglevel: s
         raise _fail(e) from e
     code = 0
     try:
-        app.worker_main(worker_argv(model=model, concurrency=rows + prefetch, loglevel=loglevel or settings.log_level,
+        held = rows + (prefetch if prefetch is not None else default_prefetch(rows))
+        app.worker_main(worker_argv(model=model, concurrency=held, loglevel=loglevel or settings.log_level,
                                     device_tag=tag))
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
