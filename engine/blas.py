@@ -52,3 +52,23 @@ def blas_warning() -> str | None:
     if not sys.platform.startswith("linux") or _state["path"]:
         return None
     return f"MLX is using its slow reference BLAS on this CPU ({_state['reason']}); expect ~20x slower transcription"
+
+
+def single_threaded_numpy_blas() -> int:
+    """Give the OpenBLAS that numpy's (and scipy's) wheels bundle one thread; return how many such
+    libraries were found (0 where numpy uses Accelerate or another BLAS).
+
+    The engine's only numpy matrix product is the log-mel's small (frames x 201) @ (201 x mels),
+    run by several preparing threads at once (engine.session). Split across every core, each call
+    queues behind the others' and its threads spin between calls, taking cores from the thread
+    that drives the device. 100 blocks of 30 s in 4 threads, on a shared 2-core box, five runs
+    each: 2.0-5.3 s of wall time with the default threads, 1.2-2.6 s with one, and a quarter to
+    half less CPU time. The OpenBLAS loaded above for MLX's CPU backend is another library and
+    keeps its threads.
+    """
+    import numpy  # noqa: F401  (its BLAS must be loaded to be found)
+    from threadpoolctl import ThreadpoolController
+
+    bundled = ThreadpoolController().select(prefix="libscipy_openblas")
+    bundled.limit(limits=1)
+    return len(bundled.lib_controllers)

@@ -33,7 +33,7 @@ import numpy as np
 from mlx_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 
 from archive_asr.records import Timing, Transcript
-from engine import holder, words
+from engine import blas, holder, words
 from engine.decode import TokenRules, WindowResult, decode_batch
 from engine.decoders import DecoderPool
 from engine.encode import encode
@@ -97,6 +97,7 @@ class Session:
         min_region_s: float | None = MIN_REGION_S,
         prepare_threads: int = 0,
     ):
+        blas.single_threaded_numpy_blas()  # the mel's matrix product runs in many threads (engine.blas says why)
         self.loaded = holder.get_model(model_name)
         self.model = self.loaded.model
         self.options = options  # batch-wide settings: sample_len, check_every, suppress_tokens

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -136,6 +137,13 @@ def test_many_files_share_batches_and_keep_their_own_failures(data_dir, shared_a
     assert jfk.timing.wall_s + libri.timing.wall_s > 0
     with pytest.raises(AudioDecodeError):
         transcribe_many(paths, model_name=MODEL, options=options)
+    # the mel's matrix product ran in several preparing threads: numpy's own OpenBLAS one thread a
+    # call (engine.blas), the OpenBLAS MLX's CPU backend uses left as it was
+    from threadpoolctl import threadpool_info
+
+    bundled = [i for i in threadpool_info() if i["prefix"] == "libscipy_openblas"]
+    if sys.platform.startswith("linux"):  # numpy's Linux wheels bundle OpenBLAS; on a Mac it uses Accelerate
+        assert bundled and all(i["num_threads"] == 1 for i in bundled), bundled
 
 
 def test_english_only_model_refuses_another_language(data_dir):

