@@ -88,9 +88,9 @@ class LocalWorkers:
         self.proc = None
         return self.start()
 
-    def stop(self, timeout_s: float | None = None) -> None:
+    def stop(self, timeout_s: float = 60) -> None:
         if self.proc is not None:
-            stop_gracefully(self.proc, **({"timeout_s": timeout_s} if timeout_s else {}))
+            stop_gracefully(self.proc, timeout_s)
 
 
 class StartingDispatch(BrokerDispatch):
