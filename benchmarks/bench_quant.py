@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/build_archive.py --out /tmp/qarch --tilings 0 --english-only
     .venv/bin/python benchmarks/bench_quant.py --models tiny.en --archive /tmp/qarch --json-out quant.json
 
-For each model of ``--models`` and each variant of ``--variants`` (full, 8, 4; a missing
-``MODEL-q8``/``MODEL-q4`` is quantised into the model store first, as `archive-asr models quantize`
-does), with word timestamps on, through the engine (engine.transcribe / engine.session):
+For each model of ``--models`` and each variant of ``--variants`` (full, 8, 4, or bits and a
+group size other than the default: 8-g128; a missing ``MODEL-q8``/``MODEL-q4``/``MODEL-q8-g128``
+is quantised into the model store first, as `archive-asr models quantize` does), with word
+timestamps on, through the engine (engine.transcribe / engine.session):
 
 - each long file of ``--long-files`` alone: WER (Whisper's English normaliser, via
   bench_archive.errors), x real time (after a 40 s warm-up), MLX peak memory at the automatic batch;
@@ -62,12 +63,15 @@ SPEED_ONLY = "speed and memory only, no WER (random weights)"
 
 
 def variant_model(model: str, variant: str) -> str:
-    """The store name of a variant ("full", "8", "4"), quantising it into the store if missing."""
+    """The store name of a variant ("full", "8", "4", "8-g128": bits and a group size), quantising
+    it into the store if missing."""
     if variant == "full":
         return model
     from engine.quantize import Quantization, quantize_model
 
-    dest, made = quantize_model(model, Quantization(int(variant)))
+    bits, _, group_size = variant.partition("-g")
+    quantization = Quantization(int(bits), int(group_size)) if group_size else Quantization(int(bits))
+    dest, made = quantize_model(model, quantization)
     if made:
         print(f"quantised {model} -> {dest.name}", flush=True)
     return dest.name
@@ -246,7 +250,7 @@ def table(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny.en,base", help="comma-separated models at full precision")
-    ap.add_argument("--variants", default="full,8,4", help="comma-separated: full, 8, 4")
+    ap.add_argument("--variants", default="full,8,4", help="comma-separated: full, 8, 4, or bits and a group size (8-g128)")
     ap.add_argument("--shared", type=Path, default=SHARED, help="the shared audio folder (long files, turbo audio)")
     ap.add_argument("--long-files", default=",".join(LONG_NAMES), help="comma-separated, under --shared or absolute; '' = none")
     ap.add_argument("--min-region-s", type=float, default=None, help="cut a lone long file into stretches of at least this (default: never)")
