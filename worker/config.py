@@ -16,7 +16,7 @@ def default_prefetch(rows: int) -> int:
     Several rows free up each round (on an H100, 64 rows of 1.5- to 5-minute files free about ten
     a round) and a row whose next file is still being claimed and decoded idles a whole round
     (1.8 s there). Holding 2 left 23 % of the row-rounds idle in the fleet drill's one-worker
-    phase (809 of 3,520), where the engine alone, every file ready, left about 4 %.
+    phase (803 of 3,520), where the engine alone, every file ready, left about 4 %.
     """
     return max(PREFETCH_JOBS, rows // 4)
 
