@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from engine.errors import EngineError
 
 CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"  # CUDA's own variable, read by the CUDA runtime at its start
+# The machine's count, left in the environment by the first count: a supervisor's workers inherit it
+# and do not count again (each count imports MLX and starts CUDA in a subprocess: seconds before
+# a worker's first job).
+COUNT_ENV = "ARCHIVE_ASR_GPU_COUNT"
 COUNT_TIMEOUT_S = 60.0  # importing MLX and starting the CUDA driver in the counting subprocess
 
 
@@ -124,7 +128,11 @@ def count_gpus() -> int:
     would hold that context's memory on GPU 0 all along (gpu:0's worker plans its batch from the
     card's free memory), and this process could no longer be pinned. The subprocess sees the
     cards as MLX sees them (a CPU-only MLX counts 0) and exits, freeing what it touched.
+    The count is kept in ARCHIVE_ASR_GPU_COUNT for this process and the workers it starts.
     """
+    known = os.environ.get(COUNT_ENV, "")
+    if known.isdigit():
+        return int(known)
     env = {k: v for k, v in os.environ.items()}
     if _pinned is not None and _pinned.index is not None:
         env.pop(CUDA_VISIBLE, None)  # count the machine's cards, not the one this process was given
@@ -137,7 +145,9 @@ def count_gpus() -> int:
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise DeviceError(f"could not count GPUs: {tail}")
-    return int(done.stdout.strip())
+    n = int(done.stdout.strip())
+    os.environ[COUNT_ENV] = str(n)
+    return n
 
 
 def device_label() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import time
 
@@ -96,18 +97,29 @@ def worker(model: str | None, batch_size: str | None, prefetch: int | None, logl
     # The engine's device module imports no MLX: the card is pinned before anything loads MLX.
     from engine.device import apply, device_tag, parse_device, pin
 
+    began = time.monotonic()
     try:
         choice = parse_device(device or settings.device)
         pin(choice)
         _wait_for_database()
+        pinned = time.monotonic()
         apply(choice)
         from engine.holder import planned_rows
-        from worker import config
+        from worker import config, lifecycle
         from worker.app import app
 
         rows = planned_rows(model, batch)
+        planned = time.monotonic()
         config.configure(batch_size=rows, reconcile=reconcile, model=model)
         tag = device_tag()
+        # Celery sets up logging only as it boots; until then, its format, so that the model's
+        # start-up lines read like the rest of the worker's log
+        logging.basicConfig(level=(loglevel or settings.log_level).upper(), format=app.conf.worker_log_format)
+        # where a worker's start goes, for the benchmarks' timelines (the model's load is logged next)
+        logging.getLogger(__name__).info(
+            "start-up: device pinned and database reached %.2f s, MLX on the device and rows planned %.2f s",
+            pinned - began, planned - pinned)
+        lifecycle.start_loading()  # while Celery boots
     except ArchiveAsrError as e:
         raise _fail(e) from e
     code = 0

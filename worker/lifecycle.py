@@ -2,16 +2,18 @@
 reconciler (unless disabled), saving transcripts a dead predecessor spooled, and the engine
 session with its lease keeper.
 
-The session (the model) is loaded as soon as the worker is ready, not at its first job: imports,
-CUDA's start and the weights take seconds, which otherwise every fleet pays after its first
-enqueue instead of while it waits. A model that cannot load is logged here and fails each job
-that asks for it, as before."""
+The session (the model) starts loading before Celery boots (``start_loading``, called by the
+worker command), not at the first job: imports, CUDA's start and the weights take seconds, which
+otherwise every fleet pays after its first enqueue instead of while it waits, and Celery's own
+start (broker connection, consumers) overlaps them. A model that cannot load is logged here and
+fails each job that asks for it, as before."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
+import time
 
 from celery import signals
 
@@ -40,14 +42,20 @@ def _start_background(sender=None, **_kwargs) -> None:
         reconciler = ReconcileThread()
         reconciler.start()
         _threads.append(reconciler)
+
+
+def start_loading() -> None:
+    """Load the configured model in the background (a job that arrives first waits for it)."""
     if config.current().model:
         threading.Thread(target=_load_session, name="load-model", daemon=True).start()
 
 
 def _load_session() -> None:
     cfg = config.current()
+    began = time.monotonic()
     try:
         engine_host.session(cfg.model, cfg.batch_size)
+        log.info("start-up: model %s loaded and its session ready in %.2f s", cfg.model, time.monotonic() - began)
     except Exception as e:  # the first job asking for the model meets the error again and records it
         log.warning("could not load model %s at start-up: %s", cfg.model, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
