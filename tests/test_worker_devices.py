@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.fixtures_worker import REPO, SHORT_CLIPS, TEST_MODEL, copy_clips, enqueue, wait_for, wait_until_settled, worker_env
+from tests.fixtures_worker import (
+    REPO, SHORT_CLIPS, TEST_MODEL, copy_clips, enqueue, job_rows, wait_for, wait_until_settled, worker_env,
+)
 
 
 def _no_gpu_here() -> bool:
@@ -49,6 +51,17 @@ def test_device_names_are_checked_and_per_gpu_picks_its_own(data_dir: Path):
     assert result.exit_code != 0 and "leave out --device" in result.output
     result = CliRunner().invoke(main, ["worker", "--device", "tpu"])
     assert result.exit_code != 0 and "auto, cpu, gpu or gpu:N" in result.output
+
+
+def test_the_machine_is_counted_once_for_a_supervisor_and_its_workers(monkeypatch):
+    """The count is left in the environment: workers started by `--per-gpu` do not count again."""
+    from engine import device
+
+    monkeypatch.setenv(device.COUNT_ENV, "3")
+    assert device.count_gpus() == 3  # inherited: no subprocess
+    monkeypatch.delenv(device.COUNT_ENV)
+    n = device.count_gpus()  # counted in a subprocess
+    assert os.environ[device.COUNT_ENV] == str(n)
 
 
 @pytest.mark.slow
@@ -92,4 +105,38 @@ def test_per_gpu_on_a_cpu_box_runs_one_cpu_worker_named_for_its_device(shared_au
         if supervisor.poll() is None:
             supervisor.kill()
         log.close()
+        subprocess.run([sys.executable, "-m", "cli", "broker", "stop"], env=env, cwd=REPO, timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_second_sigterm_stops_the_workers_at_once(shared_audio: Path, tmp_path: Path, monkeypatch):
+    """A warm shutdown finishes the file in hand (here 10 minutes of audio: about two minutes of
+    this CPU); asked again, the supervisor kills its worker, and the job waits for its lease to
+    lapse instead of running on in an orphaned process (as `archive-asr run` once left one)."""
+    if not _no_gpu_here():
+        pytest.skip("this machine has a GPU: the worker would finish the file in seconds")
+    env = worker_env(monkeypatch, tmp_path / "data", None)
+    log_path = tmp_path / "supervisor.log"
+    with open(log_path, "wb") as log:
+        supervisor = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--per-gpu", "--model", TEST_MODEL],
+                                      env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: f"engine session: model {TEST_MODEL}" in log_path.read_text(errors="replace"), 90,
+                 "the worker to load its model")
+        child_pid = int(re.search(r"tiny\.en-cpu-(\d+)@", log_path.read_text(errors="replace")).group(1))
+        [job_id] = enqueue(copy_clips(shared_audio, tmp_path / "audio", ("longform/english_read_mix_concat.flac",)))
+        wait_for(lambda: job_rows()[0].status.value == "running", 60, "the long file's job to start")
+        supervisor.send_signal(signal.SIGTERM)  # warm: the worker would finish the file first
+        with pytest.raises(subprocess.TimeoutExpired):
+            supervisor.wait(timeout=3)
+        supervisor.send_signal(signal.SIGTERM)  # again: now
+        supervisor.wait(timeout=15)
+        with pytest.raises(ProcessLookupError):
+            os.kill(child_pid, 0)
+        [row] = job_rows()
+        assert row.id == job_id and row.status.value == "running" and row.transcripts == 0  # its lease brings it back
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
         subprocess.run([sys.executable, "-m", "cli", "broker", "stop"], env=env, cwd=REPO, timeout=60)

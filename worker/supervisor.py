@@ -3,9 +3,11 @@
 Each child is a plain `archive-asr worker --device gpu:N` (its own process, so CUDA shows it its
 card alone). The supervisor holds no device itself. SIGTERM or SIGINT is passed on to every
 child, which shuts down warm (finishing the files in hand); a second SIGINT makes Celery's cold
-shutdown, as for a single worker. When one child exits on its own (a crash, a card that failed)
-the others are stopped warm and the supervisor exits with that child's status, so a service
-manager restarts the set as a whole.
+shutdown, as for a single worker, and a second SIGTERM kills the children outright (their jobs
+come back through their leases): a warm shutdown finishes every file a worker holds, which on a
+CPU can be many minutes, and whoever asks twice wants it over. When one child exits on its own
+(a crash, a card that failed) the others are stopped warm and the supervisor exits with that
+child's status, so a service manager restarts the set as a whole.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 POLL_S = 0.5
+KILL_GRACE_S = 5.0  # after a second SIGTERM, for a supervisor to kill its workers and exit
 
 
 def child_argv(device: str, args: list[str]) -> list[str]:
@@ -41,9 +44,12 @@ def supervise(devices: list[str], args: list[str], *, echo: Callable[[str], None
 
     def forward(signum: int, _frame) -> None:
         nonlocal stopping
+        again = stopping and signum == signal.SIGTERM
         stopping = True
         for proc in children.values():
-            if proc.poll() is None:
+            if proc.poll() is None and again:
+                proc.kill()
+            elif proc.poll() is None:
                 proc.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
@@ -71,15 +77,20 @@ def supervise(devices: list[str], args: list[str], *, echo: Callable[[str], None
 
 
 def stop_gracefully(proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    """SIGTERM a worker (or supervisor) process: its warm shutdown finishes the files in hand;
-    SIGKILL it if it has not exited after ``timeout_s``."""
+    """SIGTERM a worker (or supervisor) process: its warm shutdown finishes the files in hand.
+    If it has not exited after ``timeout_s``, SIGTERM again (a supervisor then kills its workers,
+    which SIGKILLing it alone would leave running, orphaned) and SIGKILL it soon after."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def exit_status(returncode: int) -> int:
