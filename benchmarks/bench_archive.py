@@ -6,6 +6,7 @@
 Methods (``--methods``): seq and seq-words (mlx_whisper.transcribe on each file in turn, default
 options, without and with word timestamps), engine and engine-words (one engine session, every
 file submitted at once: files are the batch rows). Each method gets one warm-up on a short file.
+An engine method may name its batch size, to compare several in one process: ``engine-words:b128``.
 Reported, per method: x real time (all the archive's audio / wall time, the model loaded),
 WER per set (a long file's pieces joined in order against its reference) and overall; for
 the engine, how far its text is from sequential's (the sequential text as the reference:
@@ -23,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -105,6 +109,16 @@ def run_sequential(audios: dict[str, np.ndarray], languages: dict[str, str], fol
     return out, wall
 
 
+def engine_variant(method: str, batch_size: int) -> int:
+    """"engine-words:b128" -> 128: the batch size of one engine variant, so that several compare in
+    one process on the same arrays."""
+    for part in method.split(":")[1:]:
+        if not (part.startswith("b") and part[1:].isdigit()):
+            raise SystemExit(f"{method}: unknown variant {part!r} (bN: N rows)")
+        batch_size = int(part[1:])
+    return batch_size
+
+
 def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batch_size: int, min_region_s: float | None):
     from engine.options import EngineOptions
     from engine.session import MIN_REGION_S, Session
@@ -128,7 +142,9 @@ def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batc
         }
     stats = session.stats
     return out, wall, {"rows": session.batch_size, "rounds": stats.rounds, "windows": stats.windows,
-                       "redecoded": stats.redecoded, "splits": stats.splits}
+                       "redecoded": stats.redecoded, "splits": stats.splits, "idle_rows": stats.idle_rows,
+                       "encode_s": round(stats.encode_s, 2), "decode_s": round(stats.decode_s, 2),
+                       "words_s": round(stats.words_s, 2)}
 
 
 # ---------------------------------------------------------------- comparison
@@ -207,7 +223,12 @@ def main() -> None:
         manifest["files"] = [f for f in manifest["files"] if f["language"] == "en"]
         manifest["sets"] = {k: s for k, s in manifest["sets"].items() if s["language"] == "en"}
     files = manifest["files"][: args.limit_files or None]
-    audios = {f["path"]: load_audio(args.archive / f["path"]) for f in files}
+    # Decoding 24 h of containers is minutes on one core, and threads do not help (PyAV and soxr
+    # hold the GIL frame by frame: 2 threads took 7.7 s for 20 files that took 3.2 s alone), so
+    # processes; spawned, as this one has MLX loaded.
+    paths = [f["path"] for f in files]
+    with ProcessPoolExecutor(os.cpu_count() or 2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        audios = dict(zip(paths, pool.map(load_audio, [args.archive / p for p in paths], chunksize=4)))
     languages = {f["path"]: f["language"] for f in files}
     audio_s = sum(len(a) for a in audios.values()) / SAMPLE_RATE
     fp16 = mx.default_device() == mx.gpu
@@ -229,16 +250,17 @@ def main() -> None:
         if method in outputs:
             continue
         drop_models()
-        words = method.endswith("words")
+        words = method.split(":")[0].endswith("words")
         extra = {}
         if method.startswith("seq"):
             run_sequential(warm, {"warm": "en"}, folder, fp16, words, loaded.is_multilingual)
             mx.reset_peak_memory()
             out, wall = run_sequential(audios, languages, folder, fp16, words, loaded.is_multilingual)
         else:
-            run_engine(warm, args.model, words, args.batch_size, args.min_region_s)
+            batch_size = engine_variant(method, args.batch_size)
+            run_engine(warm, args.model, words, batch_size, args.min_region_s)
             mx.reset_peak_memory()
-            out, wall, extra = run_engine(audios, args.model, words, args.batch_size, args.min_region_s)
+            out, wall, extra = run_engine(audios, args.model, words, batch_size, args.min_region_s)
         outputs[method] = out
         row = {"x_real_time": round(audio_s / wall, 1), "wall_s": round(wall, 2),
                "peak_gib": round(mx.get_peak_memory() / 2**30, 2), **extra}

@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny.en")
     ap.add_argument("--batch-size", default=None)
     ap.add_argument("--compare", type=Path, help="bench_archive.py --json-out of the same archive")
+    ap.add_argument("--compare-method", default="engine-words", help="its engine method to compare with (engine-words:b128)")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 
@@ -84,6 +85,8 @@ def main() -> None:
     span = max(ends) - min(starts) if starts and ends else float("nan")
     totals = {}
     session_up: list[float] = []
+    worker_ready: list[float] = []  # Celery's "<node> ready."
+    start_up: list[str] = []  # the worker's own account of its start (worker.commands, worker.lifecycle)
     for log in (data / "logs").glob("*.log"):
         text = log.read_text(errors="replace")
         for m in re.finditer(r"worker totals: (\{.*\})", text):
@@ -91,6 +94,9 @@ def main() -> None:
         # "[2026-11-27 23:21:40,422: INFO/MainProcess] engine session: ..." (local time)
         for m in re.finditer(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): [^]]*\] engine session:", text):
             session_up.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000)
+        start_up += re.findall(r"\] start-up: (.*)", text)
+        for m in re.finditer(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): [^]]*\] \S+@\S+ ready\.", text):
+            worker_ready.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000)
     result = {
         "exit_code": proc.returncode,
         "jobs": status,
@@ -100,8 +106,10 @@ def main() -> None:
         "jobs_span_s": round(span, 2),
         "x_real_time_jobs_span": round(audio_s / span, 1),
         "worker_totals": totals,
+        "worker_start_up": start_up,
         # seconds from the command's start: where the time outside the jobs went
         "timeline_s": {
+            "worker_ready": round(min(worker_ready) - t0_wall, 2) if worker_ready else None,
             "model_loaded": round(min(session_up) - t0_wall, 2) if session_up else None,
             "first_job_started": round(min(starts) - t0_wall, 2) if starts else None,
             "last_job_finished": round(max(ends) - t0_wall, 2) if ends else None,
@@ -113,7 +121,8 @@ def main() -> None:
     if args.compare:
         engine = json.loads(args.compare.read_text())
         methods = engine["methods"]
-        result["engine_only_x_real_time_words"] = methods.get("engine-words", {}).get("x_real_time")
+        result["engine_only_method"] = args.compare_method
+        result["engine_only_x_real_time_words"] = methods.get(args.compare_method, {}).get("x_real_time")
         if result["engine_only_x_real_time_words"]:
             result["e2e_over_engine_only"] = round(result["x_real_time_command"] / result["engine_only_x_real_time_words"], 3)
         seq = engine.get("texts", {}).get("seq-words") or engine.get("texts", {}).get("seq")

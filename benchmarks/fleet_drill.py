@@ -70,6 +70,7 @@ class Drill:
     models_dir: Path
     blas_threads: int | None  # CPU workers' OPENBLAS_NUM_THREADS: 0 = cores / workers, None = unset
     deadline: float  # time.monotonic() after which no phase starts and waits give up
+    batch_size: int = 0  # ARCHIVE_ASR_BATCH_SIZE for every worker; 0: each plans its own
     server: object = None  # pgserver's PostgresServer, or None with --database-url
     base_url: str = ""
     logs: list[Path] = field(default_factory=list)
@@ -126,6 +127,8 @@ def env_for(d: Drill, db_url: str, *, threads: int | None = None) -> dict:
     )  # no ARCHIVE_ASR_BROKER_URL: the embedded Valkey, password-protected, in the data dir
     if threads:
         env["OPENBLAS_NUM_THREADS"] = str(threads)
+    if d.batch_size:
+        env["ARCHIVE_ASR_BATCH_SIZE"] = str(d.batch_size)
     return env
 
 
@@ -554,6 +557,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: base (tiny.en with --small)")
     ap.add_argument("--phases", default="all", help=f"comma-separated from {','.join(PHASES)}, or all")
     ap.add_argument("--small", action="store_true", help="CPU rehearsal: tiny.en, short clips, two CPU workers")
+    ap.add_argument("--batch-size", type=int, default=0, help="every worker's rows (default: each plans its own)")
     ap.add_argument("--tilings", type=int, default=13, help="build_archive.py --tilings (13: 4.3 h; 12 is 4.03 h)")
     ap.add_argument("--lease-s", type=int, default=None, help="ARCHIVE_ASR_LEASE_S (default 20; 6 with --small)")
     ap.add_argument("--blas-threads", type=int, default=0,
@@ -568,12 +572,13 @@ def main() -> None:
               devices=("cpu", "cpu") if args.small else ("gpu:0", "gpu:1"), per_gpu=not args.small,
               lease_s=args.lease_s or (6 if args.small else 20),
               models_dir=(args.models_dir or (REPO / ".data" / "test-models" if args.small else REPO / ".data" / "models")).resolve(),
-              blas_threads=args.blas_threads if args.small else None, deadline=time.monotonic() + args.budget_s)
+              blas_threads=args.blas_threads if args.small else None, deadline=time.monotonic() + args.budget_s,
+              batch_size=args.batch_size)
     for p in (d.work, d.out, d.work / "results"):
         p.mkdir(parents=True, exist_ok=True)
     start_postgres(d, args.database_url)
     os.environ["ARCHIVE_ASR_DATA_DIR"] = str(d.data_dir)  # this process reads only the phases' databases
-    services = {"blas_threads": args.blas_threads if args.small else None, "postgresql": "pgserver" if d.server else "given", "postgres_version": _pg_version(d),
+    services = {"blas_threads": args.blas_threads if args.small else None, "batch_size": d.batch_size or "planned", "postgresql": "pgserver" if d.server else "given", "postgres_version": _pg_version(d),
                 "broker": "embedded Valkey (password from broker.json)", "lease_s": d.lease_s, "model": d.model,
                 "host": socket.gethostname(), "gpus": _gpus()}
     (d.work / "results" / "services.json").write_text(json.dumps(services))

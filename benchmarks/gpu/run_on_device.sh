@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repo root, after the parts of prepare.sh are in /tmp/stage/.
-# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|quant|fleet
+# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|quant|fleet|twogpu|batches|fleetrun
 #   archive: builds the archive (3.2 h, 91 files), then bench_archive.py: sequential mlx-whisper
 #            file by file vs the engine in archive mode, words off and on, and each long file alone
 #   engine:  the engine's two methods only, sequential's outputs reused from an earlier archive run
@@ -13,6 +13,12 @@
 #            with its password, one worker vs one per GPU, a worker SIGKILLed, the broker SIGKILLed;
 #            PHASES=build,tp1,tp2 then PHASES=kill,broker in a second call if one call's 9 minutes
 #            do not hold them all (state in /tmp/fleet); TILINGS sets the archive's size (96: ~30 h)
+#   batches: GPU 0: bench_batch.py (encode and decoding steps per batch size), then the engine alone
+#            on the fleet's larger archive (built here, FLEET_TILINGS) for each of VARIANTS
+#            (bench_archive's engine-words:bN); GPU 1 meanwhile: sequential
+#            mlx-whisper with words on /tmp/archive (the x sequential figure of the same call)
+#   fleetrun: the fleet drill's warmup,tp1,tp2 (ROWS rows a worker, if set), then `archive-asr run`
+#            (bench_run.py) on the same larger archive, compared with COMPARE_METHOD of `batches`
 #   twogpu:  one call, both cards: GPU 0 runs the engine alone and `archive-asr run` (bench_run.py) on
 #            /tmp/archive, then on the fleet's larger archive (BIG, if built), and the engine with its
 #            tail cut (CUTS, e.g. 90,150); GPU 1 meanwhile runs base full / 8 / 4-bit on /tmp/archive
@@ -35,19 +41,19 @@ fi
 case "$mode" in
   archive)
     python3 benchmarks/bench_archive.py --archive $archive --model base \
-      --json-out "$out/gpu_archive.json" 2>&1 | grep -v '^INFO' | tee "$out/gpu_archive.log"
+      --json-out "$out/gpu_archive.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu_archive.log"
     cp "$out/gpu_archive.json" /tmp/gpu_archive.json
     ;;
   engine)  # the engine in archive mode, sequential reused from an earlier archive run (SEQUENTIAL)
     python3 benchmarks/bench_archive.py --archive $archive --model base --methods engine,engine-words \
       --sequential-from "${SEQUENTIAL:-/tmp/gpu_archive.json}" \
-      --json-out "$out/gpu_archive.json" 2>&1 | grep -v '^INFO' | tee "$out/gpu_archive.log"
+      --json-out "$out/gpu_archive.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu_archive.log"
     cp "$out/gpu_archive.json" /tmp/gpu_archive.json
     ;;
   lone)  # each long file alone, sequential reused from the archive run
     python3 benchmarks/bench_archive.py --archive $archive --model base --methods seq,seq-words \
       --sequential-from /tmp/gpu_archive.json --lone ${LONE:-30,45,60,90} \
-      --json-out "$out/gpu_lone.json" 2>&1 | grep -v '^INFO' | tee "$out/gpu_lone.log"
+      --json-out "$out/gpu_lone.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu_lone.log"
     ;;
   run)
     python3 benchmarks/bench_run.py --archive $archive --model base --compare "${COMPARE:-/tmp/gpu_archive.json}" \
@@ -56,11 +62,41 @@ case "$mode" in
   prepare) ;;  # install and build the archive only
   quant)  # base at full precision, 8 and 4 bits: both long files, the archive, equal-batch memory; turbo shapes
     python3 benchmarks/bench_quant.py --models base --shared $x/audio --archive $archive --fixed-batch 8 \
-      --turbo-windows ${TURBO_WINDOWS:-32} --json-out "$out/gpu_quant.json" 2>&1 | grep -v '^INFO' | tee "$out/gpu_quant.log"
+      --turbo-windows ${TURBO_WINDOWS:-32} --json-out "$out/gpu_quant.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu_quant.log"
     ;;
   fleet)
     python3 benchmarks/fleet_drill.py --work /tmp/fleet --out "$out" --audio-root $x/audio --models-dir $x/models \
-      --phases "${PHASES:-all}" --budget-s "${BUDGET_S:-520}" --tilings "${TILINGS:-13}" 2>&1 | grep -v '^INFO' | tee "$out/fleet.log"
+      --phases "${PHASES:-all}" --budget-s "${BUDGET_S:-520}" --tilings "${TILINGS:-13}" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/fleet.log"
+    ;;
+  batches)
+    ( export CUDA_VISIBLE_DEVICES=1
+      python3 benchmarks/bench_archive.py --archive $archive --model base --methods seq-words \
+        --json-out "$out/gpu1_seq_words.json" > "$out/gpu1_seq.log" 2>&1 ) &
+    gpu1=$!
+    export CUDA_VISIBLE_DEVICES=0
+    /usr/bin/time -f "counting GPUs (python -m engine.device): %e s" python3 -m engine.device
+    python3 benchmarks/bench_batch.py --model base --batches ${BATCHES:-32,64,128,192,256} \
+      --audio $x/audio/longform/english_read_mix_concat.flac --json-out "$out/gpu0_batch.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu0_batch.log"
+    python3 benchmarks/fleet_drill.py --work /tmp/fleet --out /tmp/fleet-out --audio-root $x/audio --models-dir $x/models \
+      --phases build --tilings "${FLEET_TILINGS:-80}" 2>&1 | grep -v '^INFO' | tail -3
+    cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
+    python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files --model base \
+      --methods "${VARIANTS:-engine-words:b64,engine-words:b128}" \
+      --json-out "$out/gpu0_engine_big.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu0_engine_big.log" | tail -30
+    cp "$out/gpu0_engine_big.json" /tmp/gpu0_engine_big.json || true
+    wait $gpu1 || echo "GPU 1's run failed: see $out/gpu1_seq.log"
+    grep -v '^INFO' "$out/gpu1_seq.log" | tail -5
+    ;;
+  fleetrun)
+    rows=()
+    [ -n "${ROWS:-}" ] && rows=(--batch-size "$ROWS")
+    python3 benchmarks/fleet_drill.py --work /tmp/fleet --out "$out" --audio-root $x/audio --models-dir $x/models \
+      --phases "${PHASES:-warmup,tp1,tp2}" --budget-s "${BUDGET_S:-330}" --tilings "${FLEET_TILINGS:-80}" "${rows[@]}" 2>&1 \
+      | grep --line-buffered -v '^INFO' | tee "$out/fleet.log"
+    export CUDA_VISIBLE_DEVICES=0
+    python3 benchmarks/bench_run.py --archive /tmp/fleet/archive/files --model base "${rows[@]}" \
+      --compare /tmp/gpu0_engine_big.json --compare-method "${COMPARE_METHOD:-engine-words:b64}" \
+      --json-out "$out/gpu0_run_big.json" 2>&1 | tee "$out/gpu0_run_big.log" | tail -45
     ;;
   twogpu)
     (  # GPU 1: quantised variants on the archive, then sequential with words
@@ -74,14 +110,14 @@ case "$mode" in
     export CUDA_VISIBLE_DEVICES=0
     e2e() {  # $1: archive folder (with manifest.json), $2: name
       python3 benchmarks/bench_archive.py --archive "$1" --model base --methods engine-words \
-        --json-out "$out/gpu0_engine_$2.json" 2>&1 | grep -v '^INFO' | tail -30 | tee "$out/gpu0_engine_$2.log"
+        --json-out "$out/gpu0_engine_$2.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu0_engine_$2.log" | tail -30
       python3 benchmarks/bench_run.py --archive "$1" --model base --compare "$out/gpu0_engine_$2.json" \
-        --json-out "$out/gpu0_run_$2.json" 2>&1 | tail -60 | tee "$out/gpu0_run_$2.log"
+        --json-out "$out/gpu0_run_$2.json" 2>&1 | tee "$out/gpu0_run_$2.log" | tail -60
     }
     e2e $archive small
     for cut in ${CUTS//,/ }; do
       python3 benchmarks/bench_archive.py --archive $archive --model base --methods engine-words --min-region-s "$cut" \
-        --json-out "$out/gpu0_engine_cut$cut.json" 2>&1 | grep -v '^INFO' | tail -20 | tee "$out/gpu0_engine_cut$cut.log"
+        --json-out "$out/gpu0_engine_cut$cut.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu0_engine_cut$cut.log" | tail -20
     done
     if [ -n "${BIG:-}" ] && [ -d /tmp/fleet/archive/files ]; then
       cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
@@ -89,5 +125,5 @@ case "$mode" in
     fi
     wait $gpu1 || echo "GPU 1's runs failed: see $out/gpu1_*.log"
     ;;
-  *) echo "usage: $0 prepare|archive|engine|lone|run|quant|fleet|twogpu" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|archive|engine|lone|run|quant|fleet|twogpu|batches|fleetrun" >&2; exit 2 ;;
 esac
