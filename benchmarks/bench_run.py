@@ -39,6 +39,15 @@ def _ts(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
 
+def _logged_at(text: str, message: str) -> list[float]:
+    """When a worker log logged lines whose message starts with the regex ``message``:
+    "[2026-11-27 23:21:40,422: INFO/MainProcess] engine session: ..." (local time)."""
+    return [
+        datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000
+        for m in re.finditer(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): [^]]*\] " + message, text)
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archive", type=Path, required=True)
@@ -91,12 +100,9 @@ def main() -> None:
         text = log.read_text(errors="replace")
         for m in re.finditer(r"worker totals: (\{.*\})", text):
             totals = json.loads(m.group(1))
-        # "[2026-11-27 23:21:40,422: INFO/MainProcess] engine session: ..." (local time)
-        for m in re.finditer(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): [^]]*\] engine session:", text):
-            session_up.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000)
+        session_up += _logged_at(text, "engine session:")
+        worker_ready += _logged_at(text, r"\S+@\S+ ready\.")
         start_up += re.findall(r"\] start-up: (.*)", text)
-        for m in re.finditer(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): [^]]*\] \S+@\S+ ready\.", text):
-            worker_ready.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000)
     result = {
         "exit_code": proc.returncode,
         "jobs": status,

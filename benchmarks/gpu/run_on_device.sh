@@ -19,6 +19,7 @@
 #            mlx-whisper with words on /tmp/archive (the x sequential figure of the same call)
 #   fleetrun: the fleet drill's warmup,tp1,tp2 (ROWS rows a worker, if set), then `archive-asr run`
 #            (bench_run.py) on the same larger archive, compared with COMPARE_METHOD of `batches`
+#            (default engine-words:bROWS, ROWS 128: CUDA's default rows)
 #   twogpu:  one call, both cards: GPU 0 runs the engine alone and `archive-asr run` (bench_run.py) on
 #            /tmp/archive, then on the fleet's larger archive (BIG, if built), and the engine with its
 #            tail cut (CUTS, e.g. 90,150); GPU 1 meanwhile runs base full / 8 / 4-bit on /tmp/archive
@@ -35,7 +36,11 @@ export ARCHIVE_ASR_DATA_DIR=/tmp/archive-asr-data ARCHIVE_ASR_MODELS_DIR=$x/mode
 out=${OUT:-/tmp/bench-out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 archive=/tmp/archive
-if [ "$mode" != fleet ]; then  # the fleet drill builds its own, larger archive
+drill() {  # fleet_drill.py on /tmp/fleet (state kept between calls): $1 phases, $2 out folder, $3 tilings, then extra options
+  python3 benchmarks/fleet_drill.py --work /tmp/fleet --out "$2" --audio-root $x/audio --models-dir $x/models \
+    --phases "$1" --tilings "$3" "${@:4}" 2>&1 | grep --line-buffered -v '^INFO'
+}
+if [ "$mode" != fleet ] && [ "$mode" != fleetrun ]; then  # the fleet drill builds its own, larger archive
   [ -f $archive/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $archive --tilings ${TILINGS:-9}
 fi
 case "$mode" in
@@ -65,8 +70,7 @@ case "$mode" in
       --turbo-windows ${TURBO_WINDOWS:-32} --json-out "$out/gpu_quant.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu_quant.log"
     ;;
   fleet)
-    python3 benchmarks/fleet_drill.py --work /tmp/fleet --out "$out" --audio-root $x/audio --models-dir $x/models \
-      --phases "${PHASES:-all}" --budget-s "${BUDGET_S:-520}" --tilings "${TILINGS:-13}" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/fleet.log"
+    drill "${PHASES:-all}" "$out" "${TILINGS:-13}" --budget-s "${BUDGET_S:-520}" | tee "$out/fleet.log"
     ;;
   batches)
     ( export CUDA_VISIBLE_DEVICES=1
@@ -77,8 +81,7 @@ case "$mode" in
     /usr/bin/time -f "counting GPUs (python -m engine.device): %e s" python3 -m engine.device
     python3 benchmarks/bench_batch.py --model base --batches ${BATCHES:-32,64,128,192,256} \
       --audio $x/audio/longform/english_read_mix_concat.flac --json-out "$out/gpu0_batch.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu0_batch.log"
-    python3 benchmarks/fleet_drill.py --work /tmp/fleet --out /tmp/fleet-out --audio-root $x/audio --models-dir $x/models \
-      --phases build --tilings "${FLEET_TILINGS:-80}" 2>&1 | grep -v '^INFO' | tail -3
+    drill build /tmp/fleet-out "${FLEET_TILINGS:-80}" | tail -3
     cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
     python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files --model base \
       --methods "${VARIANTS:-engine-words:b64,engine-words:b128}" \
@@ -90,12 +93,11 @@ case "$mode" in
   fleetrun)
     rows=()
     [ -n "${ROWS:-}" ] && rows=(--batch-size "$ROWS")
-    python3 benchmarks/fleet_drill.py --work /tmp/fleet --out "$out" --audio-root $x/audio --models-dir $x/models \
-      --phases "${PHASES:-warmup,tp1,tp2}" --budget-s "${BUDGET_S:-330}" --tilings "${FLEET_TILINGS:-80}" "${rows[@]}" 2>&1 \
-      | grep --line-buffered -v '^INFO' | tee "$out/fleet.log"
+    drill "${PHASES:-warmup,tp1,tp2}" "$out" "${FLEET_TILINGS:-80}" --budget-s "${BUDGET_S:-330}" "${rows[@]}" \
+      | tee "$out/fleet.log"
     export CUDA_VISIBLE_DEVICES=0
     python3 benchmarks/bench_run.py --archive /tmp/fleet/archive/files --model base "${rows[@]}" \
-      --compare /tmp/gpu0_engine_big.json --compare-method "${COMPARE_METHOD:-engine-words:b64}" \
+      --compare /tmp/gpu0_engine_big.json --compare-method "${COMPARE_METHOD:-engine-words:b${ROWS:-128}}" \
       --json-out "$out/gpu0_run_big.json" 2>&1 | tee "$out/gpu0_run_big.log" | tail -45
     ;;
   twogpu)
