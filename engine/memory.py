@@ -32,13 +32,17 @@ GIB = 1 << 30
 GPU_BUDGET_FRACTION = 0.75
 CPU_BUDGET_FRACTION = 0.5
 # Most rows per backend, whatever the memory allows.
-# CUDA: a decoding step costs the same at 128 rows as at 64 (H200, base float16: 2.5 vs 2.8 ms; 3.1 ms
-#   at 192), as the loop is bound by the host issuing kernels: on 24.6 h of archive 128 rows gave
-#   1826.6x real time with words (benchmarks/bench_batch.py; README "Batch size"). Beyond 128
-#   the gain shrinks (+21 % decode at 192) while a queue's tail leaves more rows idle.
+# CUDA: one greedy step costs about the same at 128 rows as at 64 (H200, base float16: 2.5 vs
+#   2.8 ms, benchmarks/bench_batch.py), but a round lasts until its slowest row ends its window,
+#   and a queue's tail leaves rows idle while the longest files finish. On an 8.9 h, 197-file
+#   archive (H200, words on) 64 rows ran 1888.8x real time and 128 rows 1368.5x (128 rows ran
+#   first and paid MLX's kernel compilation, ~4 s of it); on a 30.6 h, 606-file queue 128 rows
+#   spent 64.5 s on the device where 64 rows spent 79.3 s. 64 is the default (archives of a few
+#   hours, fleets that split a queue, less memory); one deep queue on one card gains ~20 % with
+#   `--batch-size 128`. (README "Batch size".)
 # Metal: not measured beyond 64 on a Mac; unified memory is shared with everything else there.
 # CPU: matmuls are compute-bound well before 16.
-MAX_BATCH = {"cuda": 128, "metal": 64, "cpu": 16}
+MAX_BATCH = {"cuda": 64, "metal": 64, "cpu": 16}
 # Live copies of the encoder's largest activation (attention scores q@k and their softmax) at once;
 # measured: ~1.5 on the CPU (tiny.en, batch 1-8).
 ATTENTION_COPIES = 2

@@ -199,3 +199,21 @@ def test_mixed_language_file_gives_no_repetition_loops(data_dir, shared_audio):
     assert t.language in ("en", "de", None)  # one language per file; a mix may fall below the 0.5 bar
     assert "software" in t.text.lower()
     assert all(compression_ratio(s.text) <= 2.4 for s in t.segments)
+
+
+def test_files_submitted_together_share_the_first_round(data_dir, shared_audio, monkeypatch):
+    """A batch of files that arrives at once (a worker's start) fills one round, not one file's round
+    then the rest's: on a CPU each round costs seconds, on a GPU a round as long as a full one."""
+    from engine.options import EngineOptions
+    from engine.session import Session
+
+    paths = [shared_audio / "en" / name for name in
+             ("jfk.flac", "librispeech_2412-153948-0000.flac", "librispeech_1089-134686-0001.wav")]
+    session = Session(MODEL, batch_size=8, prepare_threads=2)  # two preparing threads: the files come one by one
+    try:
+        futures = [session.submit(str(p), options=EngineOptions(word_timestamps=False)) for p in paths]
+        session.run_until_done(futures)
+    finally:
+        session.close()
+    assert "ask not what your country" in _words(futures[0].result().text)
+    assert session.stats.live_rows[0] == 3 and session.stats.rounds == 1, session.stats.live_rows

@@ -102,6 +102,8 @@ def totals() -> dict:
             "rounds": st.rounds,
             "windows": st.windows,
             "idle_rows": st.idle_rows,  # rows left empty, summed over rounds
+            "starved_rows": st.starved_rows,  # of those, while files were still being prepared
+            "live_rows": st.live_rows,  # rows run in each round: the ramp at the start, the tail at the end
             "splits": st.splits,
             "device_s": round(st.device_s, 3),
             "encode_s": round(st.encode_s, 3),
