@@ -1,7 +1,8 @@
 """`archive-asr run`: enqueue PATHS, transcribe them here with local workers, print their results.
 
-The local workers are `archive-asr worker --per-gpu`: one per GPU of this machine (a Mac or a
-CUDA box with one card: one; a CPU-only box: one on the CPU), supervised as one process.
+The local workers: one per GPU of this machine, supervised as one process (`archive-asr worker
+--per-gpu`) where it has several; a plain `worker --device gpu:0` on a Mac or a CUDA box with one
+card, `--device cpu` on a box without one.
 
 It lives in the CLI package because it combines the scheduler (enqueue) with the worker (a local
 worker process, the reconciler, the embedded broker), which never import each other.
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -61,8 +63,18 @@ def _jobs(*, keys: Iterable[str] = (), ids: Iterable[int] = ()) -> list[RunJob]:
     return sorted(out, key=lambda j: (j.path, j.id))
 
 
-def _start_local_worker(model: str, batch_size: str | None, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cli", "worker", "--per-gpu", "--model", model, "--no-reconcile"]
+def _device_args(gpus: Future) -> list[str]:
+    """One GPU or none: a plain worker on it, one Python start fewer than a supervisor and its
+    child (a second on a GPU box); several: one per card, supervised (`--per-gpu`)."""
+    try:
+        n = gpus.result()
+    except ArchiveAsrError:
+        return ["--per-gpu"]  # which says what is wrong with the GPUs, in the worker's log
+    return ["--per-gpu"] if n > 1 else ["--device", "gpu:0" if n == 1 else "cpu"]
+
+
+def _start_local_worker(model: str, batch_size: str | None, device_args: list[str], log_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "cli", "worker", *device_args, "--model", model, "--no-reconcile"]
     if batch_size:
         cmd += ["--batch-size", batch_size]
     with open(log_path, "ab") as log_file:  # the child keeps its own copy of the descriptor
@@ -70,18 +82,26 @@ def _start_local_worker(model: str, batch_size: str | None, log_path: Path) -> s
 
 
 class LocalWorkers:
-    """The run's local workers (`worker --per-gpu`), started once, at the first job sent: their
-    imports and model load (seconds; more on a GPU) overlap the scan and hashing still going on,
-    and a run with nothing new to do starts none."""
+    """The run's local workers, started once the broker is up, before the scan: their imports and
+    model load (seconds; more on a GPU) overlap the scan and the hashing, and a folder on a NAS
+    need not be walked before the first one starts. A run that finds nothing to do stops them.
+
+    The GPUs are counted (a subprocess, engine.device) as the run begins, beside the broker's
+    start; the count is left in the environment, so the workers do not count again.
+    """
 
     def __init__(self, model: str, batch_size: str | None, log_path: Path):
+        from engine.device import count_gpus
+
         self.model, self.batch_size, self.log_path = model, batch_size, log_path
         self.proc: subprocess.Popen | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="count-gpus")
+        self._gpus = self._pool.submit(count_gpus)
 
     def start(self) -> subprocess.Popen:
         if self.proc is None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self.proc = _start_local_worker(self.model, self.batch_size, self.log_path)
+            self.proc = _start_local_worker(self.model, self.batch_size, _device_args(self._gpus), self.log_path)
         return self.proc
 
     def restart(self) -> subprocess.Popen:
@@ -89,22 +109,9 @@ class LocalWorkers:
         return self.start()
 
     def stop(self, timeout_s: float = 60) -> None:
+        self._pool.shutdown(wait=False)
         if self.proc is not None:
             stop_gracefully(self.proc, timeout_s)
-
-
-class StartingDispatch(BrokerDispatch):
-    """Sends each chunk of new jobs as enqueue commits it, and starts the local workers with the first."""
-
-    def __init__(self, workers: LocalWorkers):
-        super().__init__()
-        self.workers = workers
-
-    def __call__(self, job_ids):
-        sent = super().__call__(job_ids)
-        if sent:
-            self.workers.start()
-        return sent
 
 
 def _drain(workers: LocalWorkers, ids: list[int], quiet: bool) -> None:
@@ -208,18 +215,19 @@ def run(paths: tuple[Path, ...], model: str | None, language: str | None, batch_
     except EnqueueError as e:
         raise click.ClickException(str(e)) from e
     began = utcnow()
+    workers = LocalWorkers(spec.model, batch_size, settings.data_dir / "logs" / "run-worker.log")
     try:
         address, started_broker = start_broker()  # before the enqueue dispatches to it
     except ArchiveAsrError as e:
         raise click.ClickException(str(e)) from e
     if started_broker:
         click.echo(f"started the embedded Valkey broker on {address}; this run stops it when it ends", err=True)
-    workers = LocalWorkers(spec.model, batch_size, settings.data_dir / "logs" / "run-worker.log")
     try:
         # jobs left from an earlier, interrupted run: before this run's jobs exist and its workers
         # start, so the pass never races a worker that is receiving a message
         run_reconcile(force=True, grace=0)
-        summary = enqueue_paths(paths=[str(p) for p in paths], spec=spec, send=StartingDispatch(workers), quiet=quiet)
+        workers.start()
+        summary = enqueue_paths(paths=[str(p) for p in paths], spec=spec, send=BrokerDispatch(), quiet=quiet)
         jobs = _jobs(keys=summary.job_keys)
         ids = [j.id for j in jobs]
         if any(j.status in ("queued", "running") for j in jobs):
