@@ -12,6 +12,11 @@ WER per set (a long file's pieces joined in order against its reference) and ove
 the engine, how far its text is from sequential's (the sequential text as the reference:
 the share of words that differ) and how far its word starts are from sequential's.
 
+``--shard I/N`` runs the methods on every N-th file only (by length, so shards are even): sequential
+Whisper over a big archive split across GPUs, one process per card. ``--reuse a.json,b.json``
+takes the outputs of earlier runs (shards are merged; a sequential method's x real time is then
+the audio over the sum of its files' times), runs only the methods still missing and compares.
+
 ``--lone`` also runs each English long file alone through the engine, with
 ``--min-region-s`` values (the shortest stretch a lone file is cut into to fill idle rows),
 against sequential on that file (from the archive run).
@@ -143,6 +148,7 @@ def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batc
     stats = session.stats
     return out, wall, {"rows": session.batch_size, "rounds": stats.rounds, "windows": stats.windows,
                        "redecoded": stats.redecoded, "splits": stats.splits, "idle_rows": stats.idle_rows,
+                       "starved_rows": stats.starved_rows, "live_rows": stats.live_rows,
                        "encode_s": round(stats.encode_s, 2), "decode_s": round(stats.decode_s, 2),
                        "words_s": round(stats.words_s, 2)}
 
@@ -211,7 +217,12 @@ def main() -> None:
     ap.add_argument("--min-region-s", type=float, default=None, help="cut files to fill idle rows, stretches of at least this (default: never)")
     ap.add_argument("--lone", default="", help="comma-separated min-region lengths for the lone long-file runs")
     ap.add_argument("--limit-files", type=int, default=0, help="only the first N files (a quick look)")
-    ap.add_argument("--sequential-from", type=Path, help="reuse the sequential outputs of an earlier --json-out")
+    ap.add_argument("--sequential-from", "--reuse", dest="reuse", default="",
+                    help="comma-separated --json-out files of earlier runs (or shards): their methods are not run again")
+    ap.add_argument("--shard", default="", help="I/N: only every N-th file, by length (one of N processes)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each engine method this many times and report the last (MLX compiles its CUDA "
+                         "kernels as it meets new shapes: on a fresh machine a first pass pays ~a minute)")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 
@@ -223,32 +234,26 @@ def main() -> None:
         manifest["files"] = [f for f in manifest["files"] if f["language"] == "en"]
         manifest["sets"] = {k: s for k, s in manifest["sets"].items() if s["language"] == "en"}
     files = manifest["files"][: args.limit_files or None]
-    # Decoding 24 h of containers is minutes on one core, and threads do not help (PyAV and soxr
-    # hold the GIL frame by frame: 2 threads took 7.7 s for 20 files that took 3.2 s alone), so
-    # processes; spawned, as this one has MLX loaded.
-    paths = [f["path"] for f in files]
-    with ProcessPoolExecutor(os.cpu_count() or 2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        audios = dict(zip(paths, pool.map(load_audio, [args.archive / p for p in paths], chunksize=4)))
-    languages = {f["path"]: f["language"] for f in files}
-    audio_s = sum(len(a) for a in audios.values()) / SAMPLE_RATE
-    fp16 = mx.default_device() == mx.gpu
-    folder = write_weights_folder(loaded.path, Path(tempfile.mkdtemp()), mx.float16 if fp16 else mx.float32)
-    warm = {"warm": next(iter(audios.values()))[: 40 * SAMPLE_RATE]}  # loads the model, compiles kernels
-    print(f"{len(audios)} files, {audio_s / 3600:.2f} h, model {args.model} ({'float16' if fp16 else 'float32'}), {device_name()}", flush=True)
-
-    results: dict = {"device": device_name(), "platform": platform.platform(), "model": args.model, "files": len(audios),
-                     "audio_s": round(audio_s, 1), "methods": {}}
+    if args.shard:
+        i, n = (int(x) for x in args.shard.split("/"))
+        files = sorted(files, key=lambda f: (-f["seconds"], f["path"]))[i::n]
+    results: dict = {"device": device_name(), "platform": platform.platform(), "model": args.model,
+                     "files": len(files), "audio_s": round(sum(f["seconds"] for f in files), 1), "methods": {}}
     outputs: dict = {}
-    if args.sequential_from:  # sequential Whisper is deterministic: measured once, reused
-        earlier = json.loads(args.sequential_from.read_text())
-        if "sequential_outputs" not in earlier:  # the reports kept in the repository hold texts only
-            raise SystemExit(f"{args.sequential_from}: no sequential_outputs (a report trimmed to texts); "
-                             "pass the full --json-out of a run with the seq methods")
-        outputs.update(earlier["sequential_outputs"])
-        results["methods"].update({m: earlier["methods"][m] for m in earlier["sequential_outputs"]})
-    for method in args.methods.split(","):
-        if method in outputs:
-            continue
+    for earlier in filter(None, args.reuse.split(",")):  # deterministic methods measured once, reused
+        merge_outputs(results, outputs, json.loads(Path(earlier).read_text()), earlier)
+    methods = [m for m in args.methods.split(",") if m not in outputs]
+    complete = all(f["path"] in out for out in outputs.values() for f in files)
+    if not complete:
+        print(f"warning: the reused outputs lack some of the {len(files)} files; WER is left out", flush=True)
+    audios: dict = {}
+    if methods or args.lone:
+        audios, folder, warm, fp16 = load_archive(args, files, loaded)
+        print(f"{len(audios)} files, {results['audio_s'] / 3600:.2f} h, model {args.model} "
+              f"({'float16' if fp16 else 'float32'}), {device_name()}", flush=True)
+    languages = {f["path"]: f["language"] for f in files}
+    audio_s = results["audio_s"]
+    for method in methods:
         drop_models()
         words = method.split(":")[0].endswith("words")
         extra = {}
@@ -259,22 +264,32 @@ def main() -> None:
         else:
             batch_size = engine_variant(method, args.batch_size)
             run_engine(warm, args.model, words, batch_size, args.min_region_s)
-            mx.reset_peak_memory()
-            out, wall, extra = run_engine(audios, args.model, words, batch_size, args.min_region_s)
+            walls = []
+            for _ in range(args.repeat):  # the last run is reported: on a fresh machine the first compiles kernels
+                mx.reset_peak_memory()
+                out, wall, extra = run_engine(audios, args.model, words, batch_size, args.min_region_s)
+                walls.append(round(wall, 2))
+            if len(walls) > 1:
+                extra["walls_s"] = walls
         outputs[method] = out
         row = {"x_real_time": round(audio_s / wall, 1), "wall_s": round(wall, 2),
                "peak_gib": round(mx.get_peak_memory() / 2**30, 2), **extra}
-        if len(audios) == len(manifest["files"]):
-            row["wer"] = wer_table(manifest, {p: o["text"] for p, o in out.items()})
         results["methods"][method] = row
         print(method, json.dumps(row), flush=True)
 
-    for eng, seq in (("engine", "seq"), ("engine-words", "seq-words")):
-        if eng in outputs and seq in outputs:
-            cmp = {"exactness": exactness(manifest, outputs[eng], outputs[seq]),
+    everything = {f["path"] for f in manifest["files"]}
+    for method, out in outputs.items():  # WER once a method has every file (merged shards too)
+        if everything <= set(out):
+            results["methods"][method]["wer"] = wer_table(manifest, {p: o["text"] for p, o in out.items()})
+            print(method, "WER", json.dumps(results["methods"][method]["wer"]), flush=True)
+    for eng in [m for m in outputs if m.startswith("engine")]:
+        words = eng.split(":")[0].endswith("words")
+        seq = "seq-words" if words else "seq"
+        if seq in outputs and set(outputs[eng]) <= set(outputs[seq]):
+            cmp = {"exactness": exactness(manifest, outputs[eng], {p: outputs[seq][p] for p in outputs[eng]}),
                    "speedup": round(results["methods"][eng]["x_real_time"] / results["methods"][seq]["x_real_time"], 2)}
-            if eng.endswith("words"):
-                cmp["word_starts_vs_sequential"] = word_starts(outputs[seq], outputs[eng])
+            if words:
+                cmp["word_starts_vs_sequential"] = word_starts(outputs[seq], outputs[eng], list(outputs[eng]))
             results[f"{eng}_vs_{seq}"] = cmp
             print(f"{eng} vs {seq}", json.dumps(cmp), flush=True)
 
@@ -283,8 +298,38 @@ def main() -> None:
 
     if args.json_out:
         results["texts"] = {m: {p: o["text"] for p, o in out.items()} for m, out in outputs.items()}
-        results["sequential_outputs"] = {m: out for m, out in outputs.items() if m.startswith("seq")}
+        results["outputs"] = outputs  # every method's texts, words and (sequential) times, for --reuse
         args.json_out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+
+
+def load_archive(args, files: list[dict], loaded):
+    """(audio by path, a weights folder for mlx_whisper, a warm-up input, float16?)."""
+    # Decoding 24 h of containers is minutes on one core, and threads do not help (PyAV and soxr
+    # hold the GIL frame by frame: 2 threads took 7.7 s for 20 files that took 3.2 s alone), so
+    # processes; spawned, as this one has MLX loaded.
+    paths = [f["path"] for f in files]
+    with ProcessPoolExecutor(os.cpu_count() or 2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        audios = dict(zip(paths, pool.map(load_audio, [args.archive / p for p in paths], chunksize=4)))
+    fp16 = mx.default_device() == mx.gpu
+    folder = write_weights_folder(loaded.path, Path(tempfile.mkdtemp()), mx.float16 if fp16 else mx.float32)
+    warm = {"warm": next(iter(audios.values()))[: 40 * SAMPLE_RATE]}  # loads the model, compiles kernels
+    return audios, folder, warm, fp16
+
+
+def merge_outputs(results: dict, outputs: dict, earlier: dict, name: str) -> None:
+    """Add an earlier run's (or shard's) outputs; a sequential method's row is recomputed over
+    every file merged so far (its x real time from the files' own times)."""
+    found = earlier.get("outputs") or earlier.get("sequential_outputs")
+    if not found:  # the reports kept in the repository hold texts only
+        raise SystemExit(f"{name}: no outputs (a report trimmed to texts); pass a full --json-out")
+    for method, out in found.items():
+        merged = outputs.setdefault(method, {})
+        merged.update(out)
+        row = results["methods"].setdefault(method, dict(earlier["methods"].get(method, {})))
+        if method.startswith("seq") and all("wall_s" in o for o in merged.values()):
+            wall = sum(o["wall_s"] for o in merged.values())
+            row.update(x_real_time=round(results["audio_s"] / wall, 1), wall_s=round(wall, 2), files=len(merged))
+        row.pop("wer", None)
 
 
 def lone_runs(args, manifest: dict, audios: dict, outputs: dict, lengths: list[float]) -> list[dict]:

@@ -100,6 +100,8 @@ def main() -> None:
         text = log.read_text(errors="replace")
         for m in re.finditer(r"worker totals: (\{.*\})", text):
             totals = json.loads(m.group(1))
+            # rows run per round, one line: the ramp at the start and the tail at the end
+            totals["live_rows"] = " ".join(map(str, totals.get("live_rows", [])))
         session_up += _logged_at(text, "engine session:")
         worker_ready += _logged_at(text, r"\S+@\S+ ready\.")
         start_up += re.findall(r"\] start-up: (.*)", text)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repo root, after the parts of prepare.sh are in /tmp/stage/.
-# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|quant|fleet|twogpu|batches|fleetrun
+# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3
 #   archive: builds the archive (3.2 h, 91 files), then bench_archive.py: sequential mlx-whisper
 #            file by file vs the engine in archive mode, words off and on, and each long file alone
 #   engine:  the engine's two methods only, sequential's outputs reused from an earlier archive run
@@ -19,16 +19,24 @@
 #            mlx-whisper with words on /tmp/archive (the x sequential figure of the same call)
 #   fleetrun: the fleet drill's warmup,tp1,tp2 (ROWS rows a worker, if set), then `archive-asr run`
 #            (bench_run.py) on the same larger archive, compared with COMPARE_METHOD of `batches`
-#            (default engine-words:bROWS, ROWS 128: CUDA's default rows)
+#            (default engine-words:bROWS, ROWS 128 by default here)
 #   twogpu:  one call, both cards: GPU 0 runs the engine alone and `archive-asr run` (bench_run.py) on
 #            /tmp/archive, then on the fleet's larger archive (BIG, if built), and the engine with its
 #            tail cut (CUTS, e.g. 90,150); GPU 1 meanwhile runs base full / 8 / 4-bit on /tmp/archive
 #            and sequential mlx-whisper with words (the x sequential figure of the same call)
+#   d1, d2, d3: one call each on two cards (see their comments below; REPEAT, default 2: runs of each
+#            engine method, the last reported, as a fresh machine's first compiles kernels): sequential Whisper on a ~9 h
+#            archive in two shards beside the engine and `archive-asr run`, with where a worker's start
+#            goes; the engine at 64 and 128 rows and `run` on ~31 h; the fleet's warmup, tp1, tp2 and
+#            then the engine and `run` on ~24 h
 # Results: printed, and JSON under $OUT (the device tool brings $OUT back).
 set -euo pipefail
 mode=${1:-archive}
 if [ ! -d /tmp/site/mlx ]; then
   (cd /tmp/stage && mkdir -p x && cat part* | tar xf - -C x && bash x/install-on-device.sh)
+  # the bundle installs with --no-compile; pip compiles bytecode by default, so a user's first run
+  # does not compile celery, sqlalchemy & co. on import, and neither should the benchmarks' first
+  python3 -m compileall -q -j 0 /tmp/site . > /dev/null 2>&1 || true
 fi
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 x=/tmp/stage/x/extra
@@ -40,7 +48,16 @@ drill() {  # fleet_drill.py on /tmp/fleet (state kept between calls): $1 phases,
   python3 benchmarks/fleet_drill.py --work /tmp/fleet --out "$2" --audio-root $x/audio --models-dir $x/models \
     --phases "$1" --tilings "$3" "${@:4}" 2>&1 | grep --line-buffered -v '^INFO'
 }
-if [ "$mode" != fleet ] && [ "$mode" != fleetrun ]; then  # the fleet drill builds its own, larger archive
+big_engine_and_run() {  # on GPU 0, the fleet's archive: the engine alone ($1: methods), then `archive-asr run` compared with $2
+  cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files --model base \
+    --methods "$1" --repeat "${REPEAT:-2}" --json-out /tmp/gpu0_engine_big.json 2>&1 \
+    | grep --line-buffered -v '^INFO' | tee "$out/gpu0_engine_big.log" | cut -c1-700
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_run.py --archive /tmp/fleet/archive/files --model base \
+    --compare /tmp/gpu0_engine_big.json --compare-method "$2" --json-out "$out/gpu0_run_big.json" 2>&1 \
+    | tee "$out/gpu0_run_big.log" | tail -48
+}
+if [ "$mode" != fleet ] && [ "$mode" != fleetrun ] && [ "$mode" != d1 ] && [ "$mode" != d2 ] && [ "$mode" != d3 ]; then  # the fleet drill builds its own, larger archive
   [ -f $archive/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $archive --tilings ${TILINGS:-9}
 fi
 case "$mode" in
@@ -96,9 +113,57 @@ case "$mode" in
     drill "${PHASES:-warmup,tp1,tp2}" "$out" "${FLEET_TILINGS:-80}" --budget-s "${BUDGET_S:-330}" "${rows[@]}" \
       | tee "$out/fleet.log"
     export CUDA_VISIBLE_DEVICES=0
+    if [ ! -f /tmp/gpu0_engine_big.json ]; then  # the engine alone on the same archive, for the ratio
+      cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
+      python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files --model base \
+        --methods "engine-words:b${ROWS:-128}" --json-out /tmp/gpu0_engine_big.json 2>&1 \
+        | grep --line-buffered -v '^INFO' | tee "$out/gpu0_engine_big.log" | cut -c1-600
+    fi
     python3 benchmarks/bench_run.py --archive /tmp/fleet/archive/files --model base "${rows[@]}" \
       --compare /tmp/gpu0_engine_big.json --compare-method "${COMPARE_METHOD:-engine-words:b${ROWS:-128}}" \
       --json-out "$out/gpu0_run_big.json" 2>&1 | tee "$out/gpu0_run_big.log" | tail -45
+    ;;
+  d1)  # both cards, one call: where a worker's start goes (startup_probe.py, kernel cache cold then
+       # warm), then a ~9 h archive (MID_TILINGS, default 28) that sequential Whisper can cover within
+       # the call: it runs on half the files on GPU 1 while GPU 0 runs the engine (128 and 64 rows)
+       # and `archive-asr run`, then on the other half on GPU 0; the shards are merged at the end
+    export CUDA_VISIBLE_DEVICES=0
+    for cache in cold warm; do
+      MLX_PTX_CACHE_DIR=/tmp/ptx-probe python3 benchmarks/startup_probe.py --model base --device gpu:0 \
+        --audio $x/audio/en/jfk.flac --json-out "$out/probe_$cache.json" 2>&1 | grep --line-buffered -v '^INFO' | tail -16
+    done
+    mid=/tmp/mid
+    [ -f $mid/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $mid --tilings ${MID_TILINGS:-28} --jobs "$(nproc)"
+    ( export CUDA_VISIBLE_DEVICES=1
+      python3 benchmarks/bench_archive.py --archive $mid --model base --methods seq-words --shard 0/2 \
+        --json-out /tmp/mid_seq0.json > "$out/gpu1_seq0.log" 2>&1 ) &
+    gpu1=$!
+    python3 benchmarks/bench_archive.py --archive $mid --model base --methods engine-words:b64,engine-words:b128 \
+      --repeat "${REPEAT:-2}" --json-out /tmp/mid_engine.json 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu0_engine_mid.log" | cut -c1-400
+    python3 benchmarks/bench_run.py --archive $mid --model base --compare /tmp/mid_engine.json \
+      --compare-method engine-words:b128 --json-out "$out/gpu0_run_mid.json" 2>&1 | tee "$out/gpu0_run_mid.log" | tail -50
+    python3 benchmarks/bench_archive.py --archive $mid --model base --methods seq-words --shard 1/2 \
+      --json-out /tmp/mid_seq1.json 2>&1 | grep --line-buffered -v '^INFO' | tail -3
+    wait $gpu1 || echo "GPU 1's run failed: see $out/gpu1_seq0.log"
+    tail -3 "$out/gpu1_seq0.log"
+    python3 benchmarks/bench_archive.py --archive $mid --model base --reuse /tmp/mid_seq0.json,/tmp/mid_seq1.json,/tmp/mid_engine.json \
+      --methods seq-words,engine-words:b128,engine-words:b64 --json-out /tmp/mid_all.json 2>&1 | grep -v '^INFO' | cut -c1-600
+    gzip -c /tmp/mid_all.json > "$out/mid_all.json.gz"
+    ;;
+  d2)  # both cards, one call, on the fleet's larger archive (FLEET_TILINGS, default 100: ~31 h): GPU 0
+       # runs the engine alone at 64 and 128 rows, then `archive-asr run` end to end (compared with
+       # COMPARE_METHOD, default engine-words:b64); then the fleet drill's warmup, tp1 and tp2
+    drill build /tmp/fleet-out "${FLEET_TILINGS:-100}" | tail -3
+    big_engine_and_run "${VARIANTS:-engine-words:b64,engine-words:b128}" "${COMPARE_METHOD:-engine-words:b64}"
+    drill warmup,tp1,tp2 "$out" "${FLEET_TILINGS:-100}" --budget-s "${BUDGET_S:-300}" | tee "$out/fleet.log"
+    ;;
+  d3)  # both cards, one call, on the fleet's archive (FLEET_TILINGS, default 80: ~24 h): the fleet
+       # drill's warmup (MLX compiles its kernels there on a fresh machine), tp1 and tp2; then on
+       # GPU 0 the engine alone and `archive-asr run`, both at the default rows, warm
+    drill build /tmp/fleet-out "${FLEET_TILINGS:-80}" | tail -3
+    drill warmup,tp1,tp2 "$out" "${FLEET_TILINGS:-80}" --budget-s "${BUDGET_S:-260}" | tee "$out/fleet.log"
+    big_engine_and_run "${VARIANTS:-engine-words}" "${COMPARE_METHOD:-engine-words}"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/run_timeline.py tests/data/samples --model base 2>&1 | tee "$out/run_timeline.log"
     ;;
   twogpu)
     (  # GPU 1: quantised variants on the archive, then sequential with words
@@ -127,5 +192,5 @@ case "$mode" in
     fi
     wait $gpu1 || echo "GPU 1's runs failed: see $out/gpu1_*.log"
     ;;
-  *) echo "usage: $0 prepare|archive|engine|lone|run|quant|fleet|twogpu|batches|fleetrun" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|archive|engine|lone|run|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3" >&2; exit 2 ;;
 esac
