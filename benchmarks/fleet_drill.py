@@ -310,10 +310,10 @@ WARMUP_FILES = 160  # more than two workers' rows (64 each): their full rounds' 
 
 def warmup_paths(d: Drill) -> list[Path]:
     """What the warmup transcribes: the long files whole, the clips, and cuttings of the long files
-    until there are WARMUP_FILES files, not the whole archive. MLX compiles its CUDA kernels as it
-    meets new shapes (a number of live rows it has not run yet is likely one): after a warm-up of
-    the long files and the clips alone (42 files), the one-worker phase's rounds cost 0.86 s against
-    the pair's 0.51 s at the same 64 rows (README "The fleet drill")."""
+    until there are WARMUP_FILES files, not the whole archive, so that full rounds run (and MLX
+    compiles what they need) before anything is measured: after a warm-up of the long files and the
+    clips alone (42 files, no round full), the one-worker phase's rounds cost 0.86 s against the
+    pair's 0.51 s at the same 64 rows (README "The fleet drill")."""
     files = d.archive / "files"
     found = [files / name for name in ("whole", "clips") if (files / name).is_dir()]
     count = sum(1 for folder in found for f in folder.rglob("*") if f.is_file())
