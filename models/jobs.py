@@ -173,7 +173,28 @@ def _write_transcript(*, session: Session, job_id: int, transcript: records.Tran
         for j, w in enumerate(s.words)
     ]
     if word_rows:
-        session.execute(insert(Word), word_rows)
+        _insert_words(session=session, rows=word_rows)
+
+
+WORD_COLUMNS = ("segment_id", "index", "start_s", "end_s", "word", "probability")
+
+
+def _insert_words(*, session: Session, rows: list[dict]) -> None:
+    """PostgreSQL (psycopg 3): COPY; elsewhere, an executemany.
+
+    A 5-minute transcript has ~800 words. Through executemany PostgreSQL took ~70 ms and 31 ms of
+    CPU for them, through COPY ~23 ms and 4 ms (this 2-core box, median of 8). The CPU matters: a
+    worker's task threads save transcripts while its driver thread runs the device, and both hold
+    the same GIL."""
+    bind = session.get_bind()
+    if bind.dialect.name != "postgresql" or bind.dialect.driver != "psycopg":
+        session.execute(insert(Word), rows)
+        return
+    columns = ", ".join(f'"{c}"' for c in WORD_COLUMNS)
+    raw = session.connection().connection.driver_connection  # the session's own transaction
+    with raw.cursor() as cursor, cursor.copy(f"COPY {Word.__tablename__} ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(tuple(row[c] for c in WORD_COLUMNS))
 
 
 def fail_job(*, session: Session, job_id: int, error: str, retryable: bool) -> JobStatus | None:
