@@ -65,10 +65,11 @@ SPLIT_GRACE_S = 0.5  # a worker's next files may be on their way: wait this long
 # needed ~9 s for 160 files while the device ran part-empty rounds. With 16, `archive-asr run`
 # kept the engine's pace over its jobs (1368.3x against the engine alone's 1368.5x, 8.9 h).
 MAX_PREPARE_THREADS = 16
-# A round that would run fewer than half its rows while files are still being prepared waits this
-# long at most for them: at a worker's start a batch of files arrives at once, and without the wait
-# its first rounds ran 1, then 45, then 95 of 128 rows (H200, `archive-asr run`), each round as long
-# as a full one; on a CPU, where a round takes seconds, three clips took two rounds instead of one.
+# Starting from idle with fewer than half the rows' files ready and others still being prepared,
+# the first round waits this long at most for them: at a worker's start a batch of files arrives
+# at once, and without the wait its first rounds ran 1, then 45, then 95 of 128 rows (H200,
+# `archive-asr run`), each as long as a full round; on a CPU, where a round takes seconds, three
+# clips took two rounds instead of one. Rows already running never wait for newcomers.
 FILL_WAIT_S = 0.25
 MAX_TRACE = 2_000  # rounds whose live rows RoundStats keeps (a long-running worker: its first ones)
 
@@ -244,9 +245,9 @@ class Session:
 
         Returns False when there was nothing to do."""
         with self._step_lock:
+            if not self._rows:
+                self._wait_to_fill()
             self._admit()
-            if self._wait_to_fill():
-                self._admit()
             if not self._rows:
                 return False
             rows = list(self._rows)
@@ -307,19 +308,16 @@ class Session:
                 row.file.open_rows += 1
                 self.stats.splits += 1
 
-    def _wait_to_fill(self) -> bool:
-        """Wait up to FILL_WAIT_S while some but under half the rows have a file and others are
-        being prepared (policy: a short wait fills a round that would otherwise run nearly empty)."""
+    def _wait_to_fill(self) -> None:
+        """From idle: wait up to FILL_WAIT_S while some but under half the rows' files are ready and
+        others are being prepared (policy: files that arrive together start together)."""
         deadline = time.monotonic() + FILL_WAIT_S
-        waited = False
         with self._cond:
-            while self._preparing and 0 < len(self._rows) + len(self._waiting) < self.batch_size // 2:
+            while self._preparing and 0 < len(self._waiting) < self.batch_size // 2:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    break
+                    return
                 self._cond.wait(left)
-                waited = True
-        return waited
 
     def _initial_prompt(self, f: FileState) -> list[int]:
         text = f.options.initial_prompt
