@@ -7,6 +7,7 @@ not pytest plugins).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -162,6 +163,12 @@ def wait_until_settled(timeout_s: float, procs: list[WorkerProcess] = (), poll_s
             logs = "\n".join(f"--- {p.log_path.name}\n{p.log()[-3000:]}" for p in procs)
             pytest.fail(f"jobs still pending after {timeout_s} s: {[(r.id, r.status.value) for r in rows]}\n{logs}")
         time.sleep(poll_s)
+
+
+def celery_ready(log: str) -> bool:
+    """Celery's own "<node>@<host> ready." line: the worker consumes from now on. (Not just "ready":
+    the model's start-up line, "... its session ready in 0.84 s", may come first.)"""
+    return re.search(r"\S+@\S+ ready\.", log) is not None
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.fixtures_worker import REPO, SHORT_CLIPS, copy_clips, wait_for
+from tests.fixtures_worker import REPO, SHORT_CLIPS, celery_ready, copy_clips, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -224,7 +224,7 @@ def test_jobs_enqueued_while_the_broker_is_stopped_finish_once_it_resumes(data_d
     copy_clips(shared_audio, recordings, SHORT_CLIPS[:2])
     try:
         with workers(env, tmp_path, 1) as procs:
-            wait_for(lambda: "ready" in procs[0].log(), 90, "the worker to start")
+            wait_for(lambda: celery_ready(procs[0].log()), 90, "the worker to start")
             os.kill(pid, signal.SIGSTOP)
             try:
                 out = cli(env, "enqueue", str(recordings))
@@ -281,7 +281,7 @@ def test_flower_without_a_password_cannot_stop_a_worker(data_dir: Path, tmp_path
     base = f"http://127.0.0.1:{port}"
     try:
         with workers(env, tmp_path, 1) as procs:
-            wait_for(lambda: "ready" in procs[0].log(), 90, "the worker to start")
+            wait_for(lambda: celery_ready(procs[0].log()), 90, "the worker to start")
 
             def dashboard():
                 try:

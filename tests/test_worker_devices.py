@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.fixtures_worker import (
-    REPO, SHORT_CLIPS, TEST_MODEL, copy_clips, enqueue, job_rows, wait_for, wait_until_settled, worker_env,
+    REPO, SHORT_CLIPS, TEST_MODEL, celery_ready, copy_clips, enqueue, job_rows, wait_for, wait_until_settled, worker_env,
 )
 
 
@@ -75,7 +75,7 @@ def test_per_gpu_on_a_cpu_box_runs_one_cpu_worker_named_for_its_device(shared_au
     supervisor = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--per-gpu", "--model", TEST_MODEL],
                                   env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: "ready" in log_path.read_text(errors="replace"), 90, "the CPU worker to start")
+        wait_for(lambda: celery_ready(log_path.read_text(errors="replace")), 90, "the CPU worker to start")
         text = log_path.read_text(errors="replace")
         assert "0 GPU(s) here: starting 1 worker(s) on cpu (no GPU: one worker on the CPU)" in text
         [node] = set(re.findall(r"(tiny\.en-cpu-\d+)@", text))  # Celery's banner: the node name says the device
