@@ -122,8 +122,11 @@ def test_a_second_sigterm_stops_the_workers_at_once(shared_audio: Path, tmp_path
         supervisor = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--per-gpu", "--model", TEST_MODEL],
                                       env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: f"engine session: model {TEST_MODEL}" in log_path.read_text(errors="replace"), 90,
-                 "the worker to load its model")
+        def started() -> bool:  # the model loads while Celery boots: either may come first
+            text = log_path.read_text(errors="replace")
+            return f"engine session: model {TEST_MODEL}" in text and celery_ready(text)
+
+        wait_for(started, 90, "the worker to load its model and start consuming")
         child_pid = int(re.search(r"tiny\.en-cpu-(\d+)@", log_path.read_text(errors="replace")).group(1))
         [job_id] = enqueue(copy_clips(shared_audio, tmp_path / "audio", ("longform/english_read_mix_concat.flac",)))
         wait_for(lambda: job_rows()[0].status.value == "running", 60, "the long file's job to start")
