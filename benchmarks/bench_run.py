@@ -39,13 +39,21 @@ def _ts(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
 
-def _logged_at(text: str, message: str) -> list[float]:
-    """When a worker log logged lines whose message starts with the regex ``message``:
+LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): [^]]*\] (.*)$", re.MULTILINE)
+
+
+def log_lines(text: str) -> list[tuple[float, str]]:
+    """(when, message) of each line of a worker log:
     "[2026-11-27 23:21:40,422: INFO/MainProcess] engine session: ..." (local time)."""
     return [
-        datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000
-        for m in re.finditer(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): [^]]*\] " + message, text)
+        (datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000, m.group(3))
+        for m in LOG_LINE.finditer(text)
     ]
+
+
+def _logged_at(text: str, message: str) -> list[float]:
+    """When a worker log logged lines whose message starts with the regex ``message``."""
+    return [at for at, line in log_lines(text) if re.match(message, line)]
 
 
 def main() -> None:

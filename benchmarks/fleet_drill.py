@@ -316,13 +316,11 @@ def warmup_paths(d: Drill) -> list[Path]:
     pair's 0.51 s at the same 64 rows (README "The fleet drill")."""
     files = d.archive / "files"
     found = [files / name for name in ("whole", "clips") if (files / name).is_dir()]
-    count = sum(1 for folder in found for f in folder.rglob("*") if f.is_file())
     cuttings = sorted(p for p in files.iterdir() if p.is_dir() and "-pieces-" in p.name) if files.is_dir() else []
     for folder in cuttings:
-        if count >= WARMUP_FILES:
+        if n_files(d, found) >= WARMUP_FILES:
             break
         found.append(folder)
-        count += sum(1 for f in folder.iterdir() if f.is_file())
     return found or [files]
 
 

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER_LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): [^]]*\] (.*)")
-SKIP = ("Task archive_asr.transcribe", "SecurityWarning")  # one line per job; Celery's root warning
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_run import log_lines  # noqa: E402
+
+SKIP = ("Task archive_asr.transcribe",)  # one line per job
 
 
 def main() -> None:
@@ -39,11 +40,9 @@ def main() -> None:
     proc.wait()
     lines.append((time.time() - t0, "run", f"(exit {proc.returncode})"))
     for log in (data / "logs").glob("*.log"):
-        for line in log.read_text(errors="replace").splitlines():
-            m = WORKER_LINE.match(line)
-            if m and not any(s in line for s in SKIP):
-                at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000
-                lines.append((at - t0, "worker", m.group(3)))
+        for at, message in log_lines(log.read_text(errors="replace")):
+            if not message.startswith(SKIP):
+                lines.append((at - t0, "worker", message))
     for at, who, text in sorted(lines, key=lambda x: x[0]):
         if text.strip() and not text.startswith(("│", "┃", "┏", "┗", "└", "┡", "━")):
             print(f"{at:7.2f}  {who:6}  {text[:160]}")

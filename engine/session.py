@@ -311,13 +311,9 @@ class Session:
     def _wait_to_fill(self) -> None:
         """From idle: wait up to FILL_WAIT_S while some but under half the rows' files are ready and
         others are being prepared (policy: files that arrive together start together)."""
-        deadline = time.monotonic() + FILL_WAIT_S
         with self._cond:
-            while self._preparing and 0 < len(self._waiting) < self.batch_size // 2:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self._cond.wait(left)
+            self._cond.wait_for(lambda: not (self._preparing and 0 < len(self._waiting) < self.batch_size // 2),
+                                timeout=FILL_WAIT_S)
 
     def _initial_prompt(self, f: FileState) -> list[int]:
         text = f.options.initial_prompt

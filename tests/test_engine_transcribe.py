@@ -201,7 +201,7 @@ def test_mixed_language_file_gives_no_repetition_loops(data_dir, shared_audio):
     assert all(compression_ratio(s.text) <= 2.4 for s in t.segments)
 
 
-def test_files_submitted_together_share_the_first_round(data_dir, shared_audio, monkeypatch):
+def test_files_submitted_together_share_the_first_round(data_dir, shared_audio):
     """A batch of files that arrives at once (a worker's start) fills one round, not one file's round
     then the rest's: on a CPU each round costs seconds, on a GPU a round as long as a full one."""
     from engine.options import EngineOptions
