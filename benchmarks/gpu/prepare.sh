@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Packs what the GPU benchmarks need into parts of at most 58 MB (../shared/gpu/README.md): MLX +
+# Packs what the GPU benchmarks need into parts of at most 52 MiB (../shared/gpu/README.md): MLX +
 # its CUDA backend + mlx-whisper (make-parts.sh), the wheels archive-asr and the benchmarks import
 # that the GPU machine lacks (the whole stack: `archive-asr run` runs there end to end), the
-# multilingual base model converted to MLX (float16), and the audio the archive is built from.
+# multilingual base and tiny.en models converted to MLX (float16), and the audio the archive is built from.
 # The working tree itself travels with every device call; the archive is built on the device.
 # usage: bash benchmarks/gpu/prepare.sh [OUTDIR]     (default .gpu, git-ignored)
 set -euo pipefail
@@ -12,10 +12,12 @@ out=${1:-$repo/.gpu}
 python=${PYTHON:-$repo/.venv/bin/python}
 stage=$(mktemp -d); trap 'rm -rf "$stage"' EXIT
 
-# 1. the base model as an MLX folder, float16 (what a GPU session loads)
+# 1. base and tiny.en as MLX folders, float16 (what a GPU session loads; tiny.en for the quantisation table)
 mkdir -p "$stage/models"
-ARCHIVE_ASR_DATA_DIR="$stage/data" ARCHIVE_ASR_MODELS_DIR="$stage/models" "$python" -c \
-  "import engine; from engine.model_store import resolve_model; print('model:', resolve_model('base'))"
+for model in ${GPU_MODELS:-base tiny.en}; do
+  ARCHIVE_ASR_DATA_DIR="$stage/data" ARCHIVE_ASR_MODELS_DIR="$stage/models" "$python" -c \
+    "import engine; from engine.model_store import resolve_model; print('model:', resolve_model('$model'))"
+done
 rm -f "$stage"/models/.*.lock
 
 # 2. audio: what benchmarks/build_archive.py cuts the archive from
@@ -33,7 +35,12 @@ platformdirs pydantic pydantic-core pydantic-settings python-dotenv typing-exten
 annotated-types threadpoolctl jiwer rapidfuzz whisper-normalizer==0.1.15 \
 psycopg==3.3.9 psycopg-binary==3.3.9 pgserver==0.1.4 fasteners psutil flower tornado humanize prometheus-client pytz"
 # (the last line: benchmarks/fleet_drill.py: PostgreSQL from pgserver's wheel, psycopg 3 with its libpq, Flower)
+mkdir -p "$out" && rm -f "$out"/part*
 bash "$shared/gpu/make-parts.sh" "$out" "$stage/models" "$stage/audio"
+# A device call carries the working tree too, 64 MiB in all: make-parts.sh's 58 MiB parts and a
+# 7 MiB tree were refused. Split again in PART_MIB parts (the device joins them with `cat part*`).
+cat "$out"/part* > "$out/all.tar" && rm "$out"/part*
+split -b "${PART_MIB:-52}M" -d -a 2 "$out/all.tar" "$out/part" && rm "$out/all.tar"
 
 n=$(ls "$out"/part* | wc -l)
 cat <<MSG

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repo root, after the parts of prepare.sh are in /tmp/stage/.
-# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3
+# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|e2e|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3
 #   archive: builds the archive (3.2 h, 91 files), then bench_archive.py: sequential mlx-whisper
 #            file by file vs the engine in archive mode, words off and on, and each long file alone
 #   engine:  the engine's two methods only, sequential's outputs reused from an earlier archive run
 #   lone:    each English long file alone (--lone lengths), the archive run's sequential outputs reused
 #   run:     bench_run.py: `archive-asr run` end to end on the same archive (SQLite, embedded Valkey)
 #   prepare: install and build the archive, nothing else (before modes run side by side, one per GPU)
-#   quant:   bench_quant.py: base full / 8-bit / 4-bit (made here with engine.quantize) on both long files
+#   e2e:     on the fleet's archive (built by `fleet`, state in /tmp/fleet), GPU 0 only: the engine alone
+#            (REPEAT runs, the fastest reported), then `archive-asr run` end to end, then where its start goes
+#   quant:   bench_quant.py: MODELS (default base) full / 8-bit / 4-bit (made here with engine.quantize) on both long files
 #            and the archive, peak memory at an equal batch, large-v3-turbo shapes (random weights)
 #   fleet:   fleet_drill.py on two GPUs (nvidia-h100-x2): PostgreSQL from pgserver, the embedded Valkey
 #            with its password, one worker vs one per GPU, a worker SIGKILLed, the broker SIGKILLed;
@@ -25,7 +27,7 @@
 #            tail cut (CUTS, e.g. 90,150); GPU 1 meanwhile runs base full / 8 / 4-bit on /tmp/archive
 #            and sequential mlx-whisper with words (the x sequential figure of the same call)
 #   d1, d2, d3: one call each on two cards (see their comments below; REPEAT, default 2: runs of each
-#            engine method, the last reported, as a fresh machine's first compiles kernels): sequential Whisper on a ~9 h
+#            engine method, the fastest reported, as a fresh machine's first compiles kernels): sequential Whisper on a ~9 h
 #            archive in two shards beside the engine and `archive-asr run`, with where a worker's start
 #            goes; the engine at 64 and 128 rows and `run` on ~31 h; the fleet's warmup, tp1, tp2 and
 #            then the engine and `run` on ~24 h
@@ -57,7 +59,7 @@ big_engine_and_run() {  # on GPU 0, the fleet's archive: the engine alone ($1: m
     --compare /tmp/gpu0_engine_big.json --compare-method "$2" --json-out "$out/gpu0_run_big.json" 2>&1 \
     | tee "$out/gpu0_run_big.log" | tail -48
 }
-if [ "$mode" != fleet ] && [ "$mode" != fleetrun ] && [ "$mode" != d1 ] && [ "$mode" != d2 ] && [ "$mode" != d3 ]; then  # the fleet drill builds its own, larger archive
+if [ "$mode" != fleet ] && [ "$mode" != e2e ] && [ "$mode" != fleetrun ] && [ "$mode" != d1 ] && [ "$mode" != d2 ] && [ "$mode" != d3 ]; then  # the fleet drill builds its own, larger archive
   [ -f $archive/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $archive --tilings ${TILINGS:-9}
 fi
 case "$mode" in
@@ -83,8 +85,12 @@ case "$mode" in
     ;;
   prepare) ;;  # install and build the archive only
   quant)  # base at full precision, 8 and 4 bits: both long files, the archive, equal-batch memory; turbo shapes
-    python3 benchmarks/bench_quant.py --models base --shared $x/audio --archive $archive --fixed-batch 8 \
+    python3 benchmarks/bench_quant.py --models "${MODELS:-base}" --shared $x/audio --archive $archive --fixed-batch 8 \
       --turbo-windows ${TURBO_WINDOWS:-32} --json-out "$out/gpu_quant.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu_quant.log"
+    ;;
+  e2e)
+    big_engine_and_run "${VARIANTS:-engine-words}" "${COMPARE_METHOD:-engine-words}"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/run_timeline.py tests/data/samples --model base 2>&1 | tee "$out/run_timeline.log"
     ;;
   fleet)
     drill "${PHASES:-all}" "$out" "${TILINGS:-13}" --budget-s "${BUDGET_S:-520}" | tee "$out/fleet.log"
@@ -192,5 +198,5 @@ case "$mode" in
     fi
     wait $gpu1 || echo "GPU 1's runs failed: see $out/gpu1_*.log"
     ;;
-  *) echo "usage: $0 prepare|archive|engine|lone|run|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|archive|engine|lone|run|e2e|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3" >&2; exit 2 ;;
 esac
