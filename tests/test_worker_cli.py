@@ -108,8 +108,11 @@ def test_worker_waits_for_an_unreachable_database_and_says_so(data_dir: Path, tm
                ARCHIVE_ASR_BROKER_URL="redis://127.0.0.1:1/0")
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
+        # Ctrl-C as a terminal delivers it: a suite started in the background (`nohup make test &`)
+        # passes SIGINT on ignored, and a worker that ignores it waits on (seen: 30 s, then failed)
         proc = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--model", "tiny.en"],
-                                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+                                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and log.read_text().count("database unavailable") < 2:
@@ -117,7 +120,12 @@ def test_worker_waits_for_an_unreachable_database_and_says_so(data_dir: Path, tm
             assert proc.poll() is None  # still waiting, not crashed
         finally:
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"the worker did not stop on Ctrl-C; its output:\n{log.read_text()[-3000:]}")
     text = log.read_text()
     assert text.count("database unavailable") >= 2 and "retrying in 2 s" in text
     assert "127.0.0.1:1" in text and "Traceback" not in text
