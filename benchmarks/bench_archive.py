@@ -271,8 +271,8 @@ def main() -> None:
                 out, wall, extra = run_engine(audios, args.model, words, batch_size, args.min_region_s)
                 runs.append((wall, out, {**extra, "peak_gib": round(mx.get_peak_memory() / 2**30, 2)}))
             # The fastest run is reported: on a fresh machine the first compiles kernels, and on an
-            # H200 (24.6 h, 64 rows) a second session in the same process ran 65.9 s where the first
-            # ran 54.4 s (and a planned second session chose 18 rows: README "Batch size").
+            # H200 (24.6 h, 64 rows) the archive's second run in one process took 65.9 s where the
+            # first took 54.4 s (and a second run with its rows planned chose 18: README "Batch size").
             wall, out, extra = min(runs, key=lambda run: run[0])
             if len(runs) > 1:
                 extra["walls_s"] = [round(run[0], 2) for run in runs]
