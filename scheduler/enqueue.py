@@ -247,7 +247,7 @@ class Enqueuer:
         another, so a long file sent last is a tail the fleet waits on. Size does not tell length
         across containers: on an H200 pair, ordered by size, the last ~45 files of a 24.6 h archive
         were MP3s of 1.7 to 4 minutes (a tenth of a WAV's bytes) and each worker ran its last 6 rounds
-        part-empty. New files' headers are probed here, in the hashing threads, once (`_hash` keeps
+        part-empty. New files' headers are probed here, in the hashing threads, once (`_hash` reuses
         the result): 1,800 files put 0.8 s before the first chunk on a 2-core box. Known files have
         their duration in `files`. Unknown durations go first: they fail fast if damaged, and a long
         one is no tail.
@@ -282,9 +282,7 @@ class Enqueuer:
             sha = hash_file(found.path_bytes, self.on_bytes)
         except OSError as e:
             return Skipped(found.path_bytes, f"cannot read: {e.strerror or e}")
-        known = found.path_bytes in self._durations  # probed by _longest_first
-        duration = self._durations[found.path_bytes] if known else probe_duration(found.path_bytes)
-        return Hashed(found, sha, duration)
+        return Hashed(found, sha, self._durations[found.path_bytes])  # probed by `_longest_first`
 
     def _classify(self, batch: list[Found]) -> tuple[list[tuple[Found, File]], list[Found]]:
         """Split a chunk into files known unchanged (same path, size, mtime) and files to hash."""
