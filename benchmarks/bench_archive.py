@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -114,6 +115,32 @@ def run_sequential(audios: dict[str, np.ndarray], languages: dict[str, str], fol
     return out, wall
 
 
+def memory_view() -> dict:
+    """What the batch plan sees (the device's free memory, MLX's active and cached buffers) and, on
+    CUDA, the driver's memory pool and what nvidia-smi says each process holds: a second session in
+    one process planned 18 rows where the first planned 64, the memory it missed held by the pool."""
+    from engine.memory import device_memory
+
+    mem = device_memory()
+    out = {"available_gib": round(mem.available_bytes / 2**30, 2), "total_gib": round(mem.total_bytes / 2**30, 2),
+           "mlx_active_gib": round(mx.get_active_memory() / 2**30, 2), "mlx_cache_gib": round(mx.get_cache_memory() / 2**30, 2)}
+    info = mx.device_info()
+    if "free_memory" in info:
+        from engine import cuda_pool
+
+        out["cuda_free_gib"] = round(int(info["free_memory"]) / 2**30, 2)
+        if pool := cuda_pool.pool_bytes():
+            out["cuda_pool_reserved_gib"], out["cuda_pool_used_gib"] = (round(b / 2**30, 2) for b in pool)
+        out["mlx_memory_limit_gib"] = round(mx.get_memory_limit() / 2**30, 2)
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+            out["nvidia_smi_apps"] = smi.stdout.strip().splitlines()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return out
+
+
 def engine_variant(method: str, batch_size: int) -> int:
     """"engine-words:b128" -> 128: the batch size of one engine variant, so that several compare in
     one process on the same arrays."""
@@ -128,7 +155,9 @@ def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batc
     from engine.options import EngineOptions
     from engine.session import MIN_REGION_S, Session
 
+    print("memory before the session:", json.dumps(memory_view()), flush=True)
     session = Session(model_name, batch_size=batch_size, min_region_s=min_region_s or MIN_REGION_S)
+    session.warm_up()  # as a worker does before its first job
     options = EngineOptions(word_timestamps=words)
     try:
         t0 = time.perf_counter()
@@ -137,6 +166,7 @@ def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batc
         wall = time.perf_counter() - t0
     finally:
         session.close()
+    print("memory after the session:", json.dumps(memory_view()), flush=True)
     out = {}
     for path, f in futures.items():
         t = f.result()
@@ -149,8 +179,9 @@ def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batc
     return out, wall, {"rows": session.batch_size, "rounds": stats.rounds, "windows": stats.windows,
                        "redecoded": stats.redecoded, "splits": stats.splits, "idle_rows": stats.idle_rows,
                        "starved_rows": stats.starved_rows, "live_rows": stats.live_rows,
+                       "round_start_ms": stats.round_start_ms, "round_ms": stats.round_ms,
                        "encode_s": round(stats.encode_s, 2), "decode_s": round(stats.decode_s, 2),
-                       "words_s": round(stats.words_s, 2)}
+                       "words_s": round(stats.words_s, 2), "read_s": round(stats.read_s, 2)}
 
 
 # ---------------------------------------------------------------- comparison

@@ -11,6 +11,7 @@ fit. The estimate is meant to be an upper bound: on a real run ``mx.get_peak_mem
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ import engine  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 
 from archive_asr.settings import ENV_PREFIX, get_settings, parse_bytes
+from engine import cuda_pool
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,11 @@ CPU_BUDGET_FRACTION = 0.5
 # Metal: not measured beyond 64 on a Mac; unified memory is shared with everything else there.
 # CPU: matmuls are compute-bound well before 16.
 MAX_BATCH = {"cuda": 64, "metal": 64, "cpu": 16}
+# MLX's memory limit on CUDA, as a multiple of the plan's weights and rows (bound_allocator): the
+# plan's per-window figure is an upper bound, but a fallback round and the cache's mixed sizes need
+# room (base, 64 rows: planned 15.2 GB, MLX's peak 18.3 GB on an H200).
+ALLOCATOR_HEADROOM = 2.0
+MIN_ALLOCATOR_LIMIT = 2 * GIB
 # Live copies of the encoder's largest activation (attention scores q@k and their softmax) at once;
 # measured: ~1.5 on the CPU (tiny.en, batch 1-8).
 ATTENTION_COPIES = 2
@@ -99,9 +106,11 @@ def device_memory() -> DeviceMemory:
         total = int(info["total_memory"])
         free = int(info.get("free_memory", total))
         # MLX's own buffers are ours to reuse: the active ones (weights) and the cached ones,
-        # which CUDA counts as taken (missing them, one H100 planned 17 rows instead of 64)
-        mine = mx.get_active_memory() + mx.get_cache_memory()
-        return DeviceMemory("cuda", total, min(total, free + mine), "mx.device_info() free_memory + MLX active + cache")
+        # which CUDA counts as taken (missing them, one H100 planned 17 rows instead of 64), and
+        # what MLX gave back to CUDA's memory pool, which keeps it (engine.cuda_pool says why)
+        mine = mx.get_active_memory() + mx.get_cache_memory() + cuda_pool.idle_bytes()
+        return DeviceMemory("cuda", total, min(total, free + mine),
+                            "mx.device_info() free_memory + MLX active + cache + CUDA pool idle")
     # Metal: unified memory; macOS lets one process wire about the recommended working set
     total = int(info.get("memory_size", 0))
     recommended = int(info.get("max_recommended_working_set_size", total))
@@ -205,3 +214,26 @@ def weights_bytes(dims, dtype_bytes: int, quantization: dict | None = None) -> i
 
 def log_plan(plan: BatchPlan) -> None:
     log.info("batch size %d (%s)", plan.batch_size, plan.reason)
+
+
+@functools.cache
+def _mlx_default_limit() -> int:
+    """MLX's memory limit as it was before any session set one (a later session may need more)."""
+    return mx.get_memory_limit()
+
+
+def bound_allocator(plan: BatchPlan) -> int | None:
+    """On CUDA, keep MLX's buffers (in use plus cached) near what the plan needs: ALLOCATOR_HEADROOM
+    times the weights and the planned rows. MLX's default lets its cache grow to 90 % of the card;
+    buffers of many sizes (rows of different lengths) fill it: one H200 process held 137 GB for a
+    batch whose peak was 18 GB, which starves anything else on the card. On CUDA the limit only
+    makes MLX free cached buffers sooner, never fails an allocation; Metal's can block or raise, so
+    Metal keeps its default. Returns the limit set, or None."""
+    if backend() != "cuda":
+        return None
+    need = plan.weights_bytes + plan.batch_size * plan.per_window_bytes
+    limit = max(int(ALLOCATOR_HEADROOM * need), MIN_ALLOCATOR_LIMIT)
+    limit = min(limit, _mlx_default_limit())  # never above MLX's own (90 % of the card)
+    mx.set_memory_limit(limit)
+    log.info("MLX memory limit %.1f GiB (%.1fx the plan's %.1f GiB)", limit / GIB, limit / max(need, 1), need / GIB)
+    return limit

@@ -39,7 +39,7 @@ from engine.decoders import DecoderPool
 from engine.encode import encode
 from engine.errors import BatchFailed, UnsupportedLanguage
 from engine.language import window_languages
-from engine.memory import log_plan, plan_batch
+from engine.memory import bound_allocator, log_plan, plan_batch
 from engine.options import EngineOptions
 from engine.prepare import prepare
 from engine.rows import FileState, Piece, Row, advance, is_silence, needs_fallback, window_pieces
@@ -71,6 +71,11 @@ MAX_PREPARE_THREADS = 16
 # `archive-asr run`), each as long as a full round; on a CPU, where a round takes seconds, three
 # clips took two rounds instead of one. Rows already running never wait for newcomers.
 FILL_WAIT_S = 0.25
+# A round is logged with its parts when it takes over SLOW_ROUND_S and STALL_FACTOR times the median of
+# the rounds before it (a full 64-row round on an H200: ~1 s; one took 16.4 s there, unexplained).
+SLOW_ROUND_S = 5.0
+STALL_FACTOR = 4
+WARM_UP_TOKENS = 4  # steps each warm-up decode runs: enough for the first step's variant and the rest
 MAX_TRACE = 2_000  # rounds whose live rows RoundStats keeps (a long-running worker: its first ones)
 
 
@@ -88,11 +93,16 @@ class RoundStats:
     idle_rows: int = 0  # sum over rounds of rows left empty
     starved_rows: int = 0  # of those, rows left empty while files were still being prepared (the feed lagged)
     live_rows: list[int] = field(default_factory=list)  # rows run in each round (the first MAX_TRACE): ramp and tail
+    # each traced round's start (ms after the session's first round) and its length on the device (ms):
+    # the gaps between rounds are the driver's own time and its waits, the tail shows where rows ran dry
+    round_start_ms: list[int] = field(default_factory=list)
+    round_ms: list[int] = field(default_factory=list)
     files: int = 0  # files prepared
     audio_s: float = 0.0  # their audio
     prepare_decode_s: float = 0.0  # decoding containers, summed over the preparing threads
     prepare_mel_s: float = 0.0  # log-mel, summed over the preparing threads
     idle_s: float = 0.0  # the driver waiting with no row to run
+    read_s: float = 0.0  # reading and normalising each round's windows, before its encode (part of the gaps between rounds)
 
     @property
     def device_s(self) -> float:
@@ -120,12 +130,14 @@ class Session:
             quantization=self.loaded.quantization,
         )
         log_plan(plan)
+        bound_allocator(plan)
         self.batch_size = plan.batch_size
         self.min_region_frames = int(min_region_s * FRAMES_PER_SECOND) if min_region_s else None
         base = self.loaded.tokenizer(language=None if not self.loaded.is_multilingual else "en")
         self.rules = TokenRules(base, self.loaded.dims.n_vocab, options)
         self.device = holder.device_name()
         self.stats = RoundStats()
+        self._first_round_at: float | None = None  # perf_counter() at the first round's encode
         # Decoding containers and the log-mel run beside the device: on a GPU they must keep up with
         # it (an H100 transcribes ~1,000 s of audio a second), so use most cores, leaving one.
         threads = prepare_threads or max(2, min(MAX_PREPARE_THREADS, (os.cpu_count() or 2) - 1))
@@ -139,6 +151,28 @@ class Session:
         self._rows: list[Row] = []
         self._step_lock = threading.Lock()
         self.split_grace_s = 0.0
+
+    def warm_up(self) -> float:
+        """Run the decoding step once per kernel variant before the first file, so that MLX compiles
+        them now rather than in the middle of a full round: its fused kernels differ for one row
+        and for several, and for greedy decoding and temperature fallback's sampling. On a GPU
+        the first fallback of a fresh process stalled a 64-row round for 16-24 s (H200, base; the
+        one-row variant 7.7 s), every row waiting and the jobs' leases running down. Compiled
+        kernels are cached on disk, so after the first process on a machine this takes well under
+        a second. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        dims = self.loaded.dims  # the encoder is not compiled: random features stand in for its output
+        features = (0.1 * mx.random.normal((2, dims.n_audio_ctx, dims.n_audio_state), key=mx.random.key(0))).astype(self.loaded.dtype)
+        tokenizer = self.loaded.tokenizer(None if not self.loaded.is_multilingual else "en")
+        options = replace(self.options, sample_len=WARM_UP_TOKENS)
+        hotter = next((t for t in self.options.temperatures if t > 0), 0.2)
+        for rows in (1, 2):
+            for temperature in (0.0, hotter):
+                decode_batch(self.model, [tokenizer] * rows, features[:rows], [[]] * rows,
+                             temperature=temperature, options=options, rules=self.rules)
+        took = time.perf_counter() - t0
+        log.info("decoding kernels ready in %.1f s", took)
+        return took
 
     # --- submitting and collecting ------------------------------------------------------------
 
@@ -320,6 +354,7 @@ class Session:
         return self.loaded.tokenizer().encode(" " + text.strip()) if text else []
 
     def _round(self, rows: list[Row]) -> None:
+        began = time.perf_counter()
         live, mels, sizes = [], [], []
         for r in rows:
             mel, size = r.file.mel.window(r.seek, r.end_frame)
@@ -333,7 +368,9 @@ class Session:
         detect = self._detection_rows(rows, live, sizes, mels)
         if not live:
             return
+        redecoded_before = self.stats.redecoded
         t0 = time.perf_counter()
+        self.stats.read_s += t0 - began
         features = encode(self.model, mx.array(np.stack(mels)).astype(self.loaded.dtype))  # (n, n_audio_ctx, n_audio_state)
         mx.eval(features)
         t1 = time.perf_counter()
@@ -345,6 +382,14 @@ class Session:
         pieces = self._add_words(live, features, results, sizes, pieces, languages)
         t3 = time.perf_counter()
         st = self.stats
+        if self._stalled(t3 - t0):  # a kernel compiling, memory pressure: say where the time went
+            log.warning("round %d took %.1f s: encode %.1f, decode %.1f, words %.1f; %d rows, %d decoded again hotter",
+                        st.rounds + 1, t3 - t0, t1 - t0, t2 - t1, t3 - t2, len(live), st.redecoded - redecoded_before)
+        if len(st.round_ms) < MAX_TRACE:
+            if self._first_round_at is None:
+                self._first_round_at = t0
+            st.round_start_ms.append(round(1000 * (t0 - self._first_round_at)))
+            st.round_ms.append(round(1000 * (t3 - t0)))
         st.rounds += 1
         st.windows += len(mels)
         st.encode_s += t1 - t0
@@ -354,6 +399,10 @@ class Session:
         for r, res, size, ps in zip(live, results, sizes, pieces):
             r.file.busy_s += share
             advance(r, res, size, ps, self.rules.ts_begin, self.loaded.dims.n_text_ctx, r.file.options.word_timestamps)
+
+    def _stalled(self, seconds: float) -> bool:
+        before = self.stats.round_ms[-20:]
+        return len(before) >= 3 and seconds > max(SLOW_ROUND_S, STALL_FACTOR * float(np.median(before)) / 1000)
 
     def _detection_rows(self, rows, live, sizes, mels) -> dict[int, tuple[FileState, int]]:
         """Files whose language is open get it from their first 30 s, as mlx_whisper detects it:

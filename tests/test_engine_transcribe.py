@@ -217,3 +217,19 @@ def test_files_submitted_together_share_the_first_round(data_dir, shared_audio):
         session.close()
     assert "ask not what your country" in _words(futures[0].result().text)
     assert session.stats.live_rows[0] == 3 and session.stats.rounds == 1, session.stats.live_rows
+    # the round's trace: it starts the timeline, and its device time is counted
+    assert session.stats.round_start_ms == [0] and session.stats.round_ms[0] > 0, session.stats
+
+
+def test_a_warmed_up_session_has_compiled_every_decoding_step(data_dir):
+    """Before its first job a worker runs the decoding step's variants (the first step and the
+    rest, greedy and sampled, one row and several), so a fallback mid-round compiles nothing."""
+    from engine.session import Session
+
+    session = Session(MODEL, batch_size=4, prepare_threads=2)
+    try:
+        assert session.rules._compiled == {}
+        assert session.warm_up() > 0
+    finally:
+        session.close()
+    assert set(session.rules._compiled) == {(True, False), (False, False), (True, True), (False, True)}

@@ -59,6 +59,7 @@ def _drive(model: str, batch_size: int, ready: dict, started: threading.Event) -
 
         s = Session(model, batch_size=batch_size, min_region_s=get_settings().min_region_s or None)
         s.split_grace_s = SPLIT_GRACE_S  # the next jobs may be on their way
+        s.warm_up()  # compile before taking jobs, not mid-round (Session.warm_up says why)
     except BaseException as e:
         ready["error"] = e
         started.set()
@@ -104,12 +105,15 @@ def totals() -> dict:
             "idle_rows": st.idle_rows,  # rows left empty, summed over rounds
             "starved_rows": st.starved_rows,  # of those, while files were still being prepared
             "live_rows": st.live_rows,  # rows run in each round: the ramp at the start, the tail at the end
+            "round_start_ms": st.round_start_ms,  # each round's start after the first round's
+            "round_ms": st.round_ms,  # each round's time on the device
             "splits": st.splits,
             "device_s": round(st.device_s, 3),
             "encode_s": round(st.encode_s, 3),
             "decode_s": round(st.decode_s, 3),
             "words_s": round(st.words_s, 3),
             "idle_s": round(st.idle_s, 3),
+            "read_s": round(st.read_s, 3),
             "audio_decode_s": round(st.prepare_decode_s, 3),
             "mel_s": round(st.prepare_mel_s, 3),
         }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repo root, after the parts of prepare.sh are in /tmp/stage/.
-# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|e2e|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3
+# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|e2e|plan|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3
 #   archive: builds the archive (3.2 h, 91 files), then bench_archive.py: sequential mlx-whisper
 #            file by file vs the engine in archive mode, words off and on, and each long file alone
 #   engine:  the engine's two methods only, sequential's outputs reused from an earlier archive run
@@ -9,12 +9,15 @@
 #   prepare: install and build the archive, nothing else (before modes run side by side, one per GPU)
 #   e2e:     on the fleet's archive (built by `fleet`, state in /tmp/fleet), GPU 0 only: the engine alone
 #            (REPEAT runs, the fastest reported), then `archive-asr run` end to end, then where its start goes
-#   quant:   bench_quant.py: MODELS (default base) full / 8-bit / 4-bit (made here with engine.quantize) on both long files
+#   plan:    on the fleet's archive, GPU 0 only: the engine alone, rows planned, REPEAT sessions in one
+#            process, with the memory the plan sees before each
+#   quant:   bench_quant.py: MODELS (default base) full / 8-bit / 4-bit (VARIANTS; LONG_FILES='' skips them) (made here with engine.quantize) on both long files
 #            and the archive, peak memory at an equal batch, large-v3-turbo shapes (random weights)
 #   fleet:   fleet_drill.py on two GPUs (nvidia-h100-x2): PostgreSQL from pgserver, the embedded Valkey
 #            with its password, one worker vs one per GPU, a worker SIGKILLed, the broker SIGKILLed;
 #            PHASES=build,tp1,tp2 then PHASES=kill,broker in a second call if one call's 9 minutes
-#            do not hold them all (state in /tmp/fleet); TILINGS sets the archive's size (96: ~30 h)
+#            do not hold them all (state in /tmp/fleet); TILINGS sets the archive's size (96: ~30 h);
+#            REPEAT=N runs tp1 and tp2 alternately N times; FLEET_WORK: another state folder (another archive)
 #   batches: GPU 0: bench_batch.py (encode and decoding steps per batch size), then the engine alone
 #            on the fleet's larger archive (built here, FLEET_TILINGS) for each of VARIANTS
 #            (bench_archive's engine-words:bN); GPU 1 meanwhile: sequential
@@ -47,7 +50,7 @@ out=${OUT:-/tmp/bench-out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 archive=/tmp/archive
 drill() {  # fleet_drill.py on /tmp/fleet (state kept between calls): $1 phases, $2 out folder, $3 tilings, then extra options
-  python3 benchmarks/fleet_drill.py --work /tmp/fleet --out "$2" --audio-root $x/audio --models-dir $x/models \
+  python3 benchmarks/fleet_drill.py --work "${FLEET_WORK:-/tmp/fleet}" --out "$2" --audio-root $x/audio --models-dir $x/models \
     --phases "$1" --tilings "$3" "${@:4}" 2>&1 | grep --line-buffered -v '^INFO'
 }
 big_engine_and_run() {  # on GPU 0, the fleet's archive: the engine alone ($1: methods), then `archive-asr run` compared with $2
@@ -59,7 +62,7 @@ big_engine_and_run() {  # on GPU 0, the fleet's archive: the engine alone ($1: m
     --compare /tmp/gpu0_engine_big.json --compare-method "$2" --json-out "$out/gpu0_run_big.json" 2>&1 \
     | tee "$out/gpu0_run_big.log" | tail -48
 }
-if [ "$mode" != fleet ] && [ "$mode" != e2e ] && [ "$mode" != fleetrun ] && [ "$mode" != d1 ] && [ "$mode" != d2 ] && [ "$mode" != d3 ]; then  # the fleet drill builds its own, larger archive
+if [ "$mode" != fleet ] && [ "$mode" != e2e ] && [ "$mode" != plan ] && [ "$mode" != fleetrun ] && [ "$mode" != d1 ] && [ "$mode" != d2 ] && [ "$mode" != d3 ]; then  # the fleet drill builds its own, larger archive
   [ -f $archive/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $archive --tilings ${TILINGS:-9}
 fi
 case "$mode" in
@@ -85,7 +88,8 @@ case "$mode" in
     ;;
   prepare) ;;  # install and build the archive only
   quant)  # base at full precision, 8 and 4 bits: both long files, the archive, equal-batch memory; turbo shapes
-    python3 benchmarks/bench_quant.py --models "${MODELS:-base}" --shared $x/audio --archive $archive --fixed-batch 8 \
+    python3 benchmarks/bench_quant.py --models "${MODELS:-base}" --shared $x/audio --archive $archive --fixed-batch ${FIXED_BATCH:-8} \
+      --variants "${VARIANTS:-full,8,4}" --long-files "${LONG_FILES-longform/english_read_mix_concat.flac,longform/english_read2_concat.flac}" \
       --turbo-windows ${TURBO_WINDOWS:-32} --json-out "$out/gpu_quant.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu_quant.log"
     ;;
   e2e)
@@ -93,7 +97,14 @@ case "$mode" in
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/run_timeline.py tests/data/samples --model base 2>&1 | tee "$out/run_timeline.log"
     ;;
   fleet)
-    drill "${PHASES:-all}" "$out" "${TILINGS:-13}" --budget-s "${BUDGET_S:-520}" | tee "$out/fleet.log"
+    drill "${PHASES:-all}" "$out" "${TILINGS:-13}" --budget-s "${BUDGET_S:-520}" --repeat "${REPEAT:-1}" | tee "$out/fleet.log"
+    ;;
+  plan)  # GPU 0: the engine alone on the fleet's archive, rows planned, REPEAT sessions in one process,
+         # with what the plan sees before each (a second session once planned 18 rows: README "Batch size")
+    cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files --model base \
+      --methods engine-words --repeat "${REPEAT:-2}" --json-out "$out/gpu0_plan.json" 2>&1 \
+      | grep --line-buffered -v '^INFO' | tee "$out/gpu0_plan.log" | cut -c1-900
     ;;
   batches)
     ( export CUDA_VISIBLE_DEVICES=1
@@ -198,5 +209,5 @@ case "$mode" in
     fi
     wait $gpu1 || echo "GPU 1's runs failed: see $out/gpu1_*.log"
     ;;
-  *) echo "usage: $0 prepare|archive|engine|lone|run|e2e|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|archive|engine|lone|run|e2e|plan|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3" >&2; exit 2 ;;
 esac

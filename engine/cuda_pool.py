@@ -1,0 +1,80 @@
+"""The CUDA driver's memory pool under MLX, seen and trimmed through the driver API (ctypes).
+
+MLX's CUDA allocator takes device memory with ``cudaMallocAsync`` from the device's default memory
+pool and gives it back with ``cudaFreeAsync``. The pool keeps what it is given back (its release
+threshold is 0, but it releases only when a stream or the device is synchronised, which MLX does
+not do), so neither ``mx.clear_cache()`` nor the end of a session returns memory to the card:
+CUDA's free memory no longer counts it, and MLX's active and cached bytes do not count it either.
+Measured on an H200 (base, float16, 24.6 h archive, one process): after one engine session the
+process held 137,202 MiB by nvidia-smi with MLX holding 0.29 GiB, CUDA reported 5.8 GiB free,
+and the next session planned 18 rows instead of 64 (README "Batch size").
+
+So the batch plan counts the pool's idle memory (reserved but not handed out) as this process's,
+and an idle worker trims the pool, handing the memory back to the card for other processes.
+Everything here is best effort: without libcuda (macOS, a CPU box) or a pool, it is a no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+log = logging.getLogger(__name__)
+
+# CUmemPool_attribute (cuda.h)
+_RESERVED_MEM_CURRENT = 5  # bytes the pool holds from the device
+_USED_MEM_CURRENT = 7  # of those, bytes handed out and not yet given back
+
+
+@functools.cache
+def _default_pool() -> tuple[ctypes.CDLL, ctypes.c_void_p] | None:
+    """The driver library and device 0's default pool (MLX's device: CUDA_VISIBLE_DEVICES pins a card)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    device, pool = ctypes.c_int(), ctypes.c_void_p()
+    try:
+        if lib.cuInit(0) or lib.cuDeviceGet(ctypes.byref(device), 0):
+            return None
+        if lib.cuDeviceGetDefaultMemPool(ctypes.byref(pool), device):
+            return None
+    except AttributeError:  # a driver too old for memory pools (before CUDA 11.2)
+        return None
+    return lib, pool
+
+
+def _attribute(which: int) -> int | None:
+    found = _default_pool()
+    if found is None:
+        return None
+    lib, pool = found
+    value = ctypes.c_uint64()
+    if lib.cuMemPoolGetAttribute(pool, which, ctypes.byref(value)):
+        return None
+    return value.value
+
+
+def pool_bytes() -> tuple[int, int] | None:
+    """(reserved, used) bytes of the default pool, or None where there is none to read."""
+    reserved, used = _attribute(_RESERVED_MEM_CURRENT), _attribute(_USED_MEM_CURRENT)
+    if reserved is None or used is None:
+        return None
+    return reserved, used
+
+
+def idle_bytes() -> int:
+    """Memory the pool holds for this process but has not handed out: MLX's to take again."""
+    found = pool_bytes()
+    return max(0, found[0] - found[1]) if found else 0
+
+
+def trim() -> None:
+    """Give the pool's idle memory back to the card (after ``mx.clear_cache()``)."""
+    found = _default_pool()
+    if found is None:
+        return
+    lib, pool = found
+    if err := lib.cuMemPoolTrimTo(pool, ctypes.c_size_t(0)):
+        log.debug("cuMemPoolTrimTo failed: CUDA error %d", err)
