@@ -1,4 +1,4 @@
-"""The CUDA driver's memory pool under MLX, seen and trimmed through the driver API (ctypes).
+"""The CUDA driver's memory pool under MLX, read through the driver API (ctypes).
 
 MLX's CUDA allocator takes device memory with ``cudaMallocAsync`` from the device's default memory
 pool and gives it back with ``cudaFreeAsync``. The pool keeps what it is given back (its release
@@ -9,9 +9,12 @@ Measured on an H200 (base, float16, 24.6 h archive, one process): after one engi
 process held 137,202 MiB by nvidia-smi with MLX holding 0.29 GiB, CUDA reported 5.8 GiB free,
 and the next session planned 18 rows instead of 64 (README "Batch size").
 
-So the batch plan counts the pool's idle memory (reserved but not handed out) as this process's,
-and an idle worker trims the pool, handing the memory back to the card for other processes.
-Everything here is best effort: without libcuda (macOS, a CPU box) or a pool, it is a no-op.
+So the batch plan counts the pool's idle memory (reserved but not handed out) as this process's.
+(Trimming the pool when a worker idles, cuMemPoolTrimTo, was tried in one GPU run: the one worker
+that sat idle for 5 s there left no shutdown lines in its log, as if it had died at that moment;
+not proven, but trimming was taken out. engine.memory's bound_allocator keeps what the pool can
+grow to near the plan instead.) Without libcuda (macOS,
+a CPU box) or a pool, this reads nothing.
 """
 
 from __future__ import annotations
@@ -69,12 +72,3 @@ def idle_bytes() -> int:
     found = pool_bytes()
     return max(0, found[0] - found[1]) if found else 0
 
-
-def trim() -> None:
-    """Give the pool's idle memory back to the card (after ``mx.clear_cache()``)."""
-    found = _default_pool()
-    if found is None:
-        return
-    lib, pool = found
-    if err := lib.cuMemPoolTrimTo(pool, ctypes.c_size_t(0)):
-        log.debug("cuMemPoolTrimTo failed: CUDA error %d", err)

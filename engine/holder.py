@@ -22,9 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_whisper.whisper import ModelDimensions, Whisper
 
 from archive_asr.settings import get_settings
-from engine import cuda_pool
 from engine.convert import CONFIG_FILE, check_against_model
-from engine.memory import backend
 from engine.errors import ModelError
 from engine.model_store import WEIGHT_FILES, read_meta, resolve_model
 
@@ -212,5 +210,3 @@ def release_model() -> None:
 def clear_cache() -> None:
     """Return MLX's cached buffers to the system: call between jobs, whose shapes differ."""
     mx.clear_cache()
-    if backend() == "cuda":
-        cuda_pool.trim()  # on CUDA the freed buffers sit in the driver's pool until trimmed

@@ -39,6 +39,7 @@ from engine.decoders import DecoderPool
 from engine.encode import encode
 from engine.errors import BatchFailed, UnsupportedLanguage
 from engine.language import window_languages
+from engine.memory import backend as memory_backend
 from engine.memory import bound_allocator, log_plan, plan_batch
 from engine.options import EngineOptions
 from engine.prepare import prepare
@@ -259,7 +260,8 @@ class Session:
             if idle_since is None:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > 5.0:
-                holder.clear_cache()  # idle: hand MLX's cached buffers back
+                if memory_backend() != "cuda":  # CUDA's pool keeps them anyway (engine.cuda_pool)
+                    holder.clear_cache()  # idle: hand MLX's cached buffers back
                 idle_since = float("inf")
             t0 = time.monotonic()
             self.wait_for_work(timeout_s=0.2)

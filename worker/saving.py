@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,14 @@ SPOOL_FORMAT = 1
 # hands the job (whose lease ran out meanwhile) to another worker. Each attempt is one connection try.
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 3.0, 5.0)
 LOG_EVERY_S = 60.0  # while the outage lasts, one line a minute
+# One transcript is written at a time in a process. The files of a round finish together (about 8
+# of 64 rows a round on a GPU), and their task threads then all build and send their rows, ~8 ms
+# of Python each (800 words, PostgreSQL), crowding the GIL just when the engine's driver thread
+# prepares the next round. benchmarks/bench_save_gil.py measures that on a stand-in for the
+# driver: 8 concurrent saves doubled its time, 8 saves one after another left it nearly as it
+# was. (On an H200 the driver spent ~0.23 s between rounds inside a worker, 0.06 s in the engine
+# alone; how much of that the saves cause is not measured there yet.)
+_one_writer = threading.Lock()
 
 
 def database_down(e: BaseException) -> bool:
@@ -83,7 +92,7 @@ def _write(job_id: int, transcript: records.Transcript) -> bool:
     from models.db import session_scope
     from models.jobs import finish_job
 
-    with session_scope() as session:
+    with _one_writer, session_scope() as session:
         return finish_job(session=session, job_id=job_id, transcript=transcript)
 
 

@@ -43,6 +43,11 @@ if [ ! -d /tmp/site/mlx ]; then
   # does not compile celery, sqlalchemy & co. on import, and neither should the benchmarks' first
   python3 -m compileall -q -j 0 /tmp/site . > /dev/null 2>&1 || true
 fi
+# MLX's CUDA kernels as PTX, cached on disk by MLX 0.32.4 after it compiles them (fetched from an
+# H200 run, 2026-11-28: tar czf $OUT/ptx.tgz -C /tmp mlx). A fresh machine compiles them on first
+# use: the first worker's decoding kernels took 92-102 s there. Whether the cache saves that on a
+# fresh machine is not measured yet.
+[ -d /tmp/mlx ] || tar xzf benchmarks/gpu/mlx-ptx-cache.tgz -C /tmp 2>/dev/null || true
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 x=/tmp/stage/x/extra
 export ARCHIVE_ASR_DATA_DIR=/tmp/archive-asr-data ARCHIVE_ASR_MODELS_DIR=$x/models
