@@ -102,6 +102,7 @@ def totals() -> dict:
             "rows": _session.batch_size,
             "rounds": st.rounds,
             "windows": st.windows,
+            "redecoded": st.redecoded,  # windows decoded again hotter (temperature fallback)
             "idle_rows": st.idle_rows,  # rows left empty, summed over rounds
             "starved_rows": st.starved_rows,  # of those, while files were still being prepared
             "live_rows": st.live_rows,  # rows run in each round: the ramp at the start, the tail at the end
