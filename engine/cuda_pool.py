@@ -1,10 +1,9 @@
 """The CUDA driver's memory pool under MLX, read through the driver API (ctypes).
 
 MLX's CUDA allocator takes device memory with ``cudaMallocAsync`` from the device's default memory
-pool and gives it back with ``cudaFreeAsync``. The pool keeps what it is given back (its release
-threshold is 0, but it releases only when a stream or the device is synchronised, which MLX does
-not do), so neither ``mx.clear_cache()`` nor the end of a session returns memory to the card:
-CUDA's free memory no longer counts it, and MLX's active and cached bytes do not count it either.
+pool and gives it back with ``cudaFreeAsync``. The pool may keep what it is given back, and under
+MLX it did: neither ``mx.clear_cache()`` nor the end of a session returned memory to the card, so
+CUDA's free memory no longer counted it, and MLX's active and cached bytes did not count it either.
 Measured on an H200 (base, float16, 24.6 h archive, one process): after one engine session the
 process held 137,202 MiB by nvidia-smi with MLX holding 0.29 GiB, CUDA reported 5.8 GiB free,
 and the next session planned 18 rows instead of 64 (README "Batch size").
@@ -13,17 +12,13 @@ So the batch plan counts the pool's idle memory (reserved but not handed out) as
 (Trimming the pool when a worker idles, cuMemPoolTrimTo, was tried in one GPU run: the one worker
 that sat idle for 5 s there left no shutdown lines in its log, as if it had died at that moment;
 not proven, but trimming was taken out. engine.memory's bound_allocator keeps what the pool can
-grow to near the plan instead.) Without libcuda (macOS,
-a CPU box) or a pool, this reads nothing.
+grow to near the plan instead.) Without libcuda (macOS, a CPU box) or a pool, this reads nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-
-log = logging.getLogger(__name__)
 
 # CUmemPool_attribute (cuda.h)
 _RESERVED_MEM_CURRENT = 5  # bytes the pool holds from the device

@@ -73,7 +73,7 @@ MAX_PREPARE_THREADS = 16
 # clips took two rounds instead of one. Rows already running never wait for newcomers.
 FILL_WAIT_S = 0.25
 # A round is logged with its parts when it takes over SLOW_ROUND_S and STALL_FACTOR times the median of
-# the rounds before it (a full 64-row round on an H200: ~1 s; one took 16.4 s there, unexplained).
+# the rounds before it (a full 64-row round on an H200: ~1 s; a process's first fallback took 24 s).
 SLOW_ROUND_S = 5.0
 STALL_FACTOR = 4
 WARM_UP_TOKENS = 4  # steps each warm-up decode runs: enough for the first step's variant and the rest
@@ -159,8 +159,8 @@ class Session:
         and for several, and for greedy decoding and temperature fallback's sampling. On a GPU
         the first fallback of a fresh process stalled a 64-row round for 16-24 s (H200, base; the
         one-row variant 7.7 s), every row waiting and the jobs' leases running down. Compiled
-        kernels are cached on disk, so after the first process on a machine this takes well under
-        a second. Returns the seconds it took."""
+        kernels are cached on disk: on a fresh H200 this took 92-102 s, in later processes there
+        1.0-1.5 s, on a 2-core CPU 0.6 s. Returns the seconds it took."""
         t0 = time.perf_counter()
         dims = self.loaded.dims  # the encoder is not compiled: random features stand in for its output
         features = (0.1 * mx.random.normal((2, dims.n_audio_ctx, dims.n_audio_state), key=mx.random.key(0))).astype(self.loaded.dtype)
