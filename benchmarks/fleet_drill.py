@@ -196,6 +196,10 @@ class Worker:
                 raise SystemExit(f"worker {self.log_path.name} did not start:\n{self.text()[-3000:]}")
             time.sleep(POLL_S)
 
+    def totals(self) -> list[dict]:
+        """Each worker process's "worker totals" line (logged as it stops)."""
+        return [json.loads(m) for m in re.findall(r"worker totals: (\{.*\})", self.text())]
+
     def stop(self, timeout_s: float = 60) -> None:
         stop_gracefully(self.proc, timeout_s)
         self._log.close()
@@ -233,6 +237,19 @@ def job_rows(url: str) -> list:
         n = select(func.count(Transcript.id)).where(Transcript.job_id == Job.id).correlate(Job).scalar_subquery()
         return s.execute(select(Job.id, Job.status, Job.worker_host, Job.dispatched_at, Job.started_at, Job.finished_at, Job.duration_s,
                                 Job.attempts, n.label("transcripts")).order_by(Job.id)).all()
+
+
+def rounds_of(totals: dict) -> dict:
+    """Where one worker's rounds went: how many, their time on the device, the span from the first
+    round's start to the last one's end, the time between rounds, and the ramp and the tail."""
+    starts, lengths = totals.get("round_start_ms") or [], totals.get("round_ms") or []
+    if not starts:
+        return {"rounds": totals.get("rounds", 0)}
+    span_ms = starts[-1] + lengths[-1]
+    live = totals.get("live_rows", [])
+    return {"rounds": totals.get("rounds"), "device_s": totals.get("device_s"), "span_s": round(span_ms / 1000, 2),
+            "between_rounds_s": round((span_ms - sum(lengths)) / 1000, 2), "redecoded": totals.get("redecoded"),
+            "first_rows": live[:3], "last_rows": live[-4:]}
 
 
 def counts(rows: list) -> dict[str, int]:
@@ -404,7 +421,8 @@ def throughput(d: Drill, phase: str, n_workers: int) -> dict:
     result = {"phase": phase, "workers": n_workers, "devices": list(d.devices[:n_workers]), "finished": finished,
               "nodes": sorted({n for w in workers for n in w.nodes()}), "broker": broker,
               "enqueued": {k: v for k, v in enqueued.items() if not isinstance(v, (list, dict))},
-              **rates(rows, t0), "integrity": integrity(rows, n_files(d, paths), enqueued)}
+              **rates(rows, t0), "integrity": integrity(rows, n_files(d, paths), enqueued),
+              "rounds": [rounds_of(totals) for w in workers for totals in w.totals()]}
     if observe:
         result["mid_run"] = seen
         (d.out / f"{phase}_status_mid_run.json").write_text(json.dumps(seen.get("status"), indent=1, default=str))
@@ -557,8 +575,10 @@ def ratio_lines(results: dict) -> list[str]:
         one, two = rate(tp1, "audio_hours_per_hour"), rate(tp2, "audio_hours_per_hour")
         if one and two:
             a, b = rate(tp1, "audio_hours_per_hour_from_first_job"), rate(tp2, "audio_hours_per_hour_from_first_job")
+            spans = [max((r.get("span_s") or 0 for r in tp.get("rounds", [])), default=0) for tp in (tp1, tp2)]
             lines.append(f"- pair {k}: two workers / one worker **{two / one:.2f}x** end to end (enqueue to the last row)"
-                         + (f", {b / a:.2f}x from the first job's start" if a and b else ""))
+                         + (f", {b / a:.2f}x from the first job's start" if a and b else "")
+                         + (f", {spans[0] / spans[1]:.2f}x from the first round to the last" if all(spans) else ""))
     if k > 2 and (1, "audio_hours_per_hour") in best and (2, "audio_hours_per_hour") in best:
         lines.append(f"- best two-worker run / best one-worker run: "
                      f"**{best[(2, 'audio_hours_per_hour')] / best[(1, 'audio_hours_per_hour')]:.2f}x** end to end"
@@ -580,6 +600,11 @@ def summary(results: dict) -> str:
                      f"first job dispatched {tp.get('first_job_dispatched_s')} s and started {tp.get('first_job_started_s')} s "
                      f"after the enqueue began, {tp.get('audio_hours_per_hour_from_first_job')} h/h from there; "
                      f"integrity ok: {tp['integrity']['ok']}")
+        for r in tp.get("rounds", []):
+            if "span_s" in r:
+                lines.append(f"  - a worker: {r['rounds']} rounds, {r['device_s']} s on the device, {r['span_s']} s from the "
+                             f"first round to the last, {r['between_rounds_s']} s between rounds; rows {r['first_rows']} ... "
+                             f"{r['last_rows']}; {r['redecoded']} window(s) decoded again hotter")
     lines += ratio_lines(results)
     tp2 = results.get("tp2")
     if tp2 and tp2.get("mid_run"):
