@@ -45,16 +45,26 @@ class FileMel:
     flat: np.ndarray  # (content_frames,) bool: the frame is digital silence (at the floor in every band)
     store_path: str | None = None  # the temporary file behind a memory-mapped log10 (deleted by close)
 
-    def _normalised(self, frames: np.ndarray) -> np.ndarray:
-        return (np.maximum(frames, self.max_log10 - DYNAMIC_RANGE) + 4.0) / 4.0
+    def _normalised(self, frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Whisper's clamp and scaling, (max(x, file max - 8) + 4) / 4, in float32 (into ``out``)."""
+        out = np.maximum(frames, self.max_log10 - DYNAMIC_RANGE, out=out)
+        out += 4.0
+        out /= 4.0
+        return out
 
     def window(self, seek: int, end_frame: int) -> tuple[np.ndarray, int]:
         """The window at ``seek`` as mlx_whisper decodes it: (N_FRAMES, n_mels) normalised log-mel
         of frames [seek, min(seek + 3000, end_frame)), zeros after them; and how many are real."""
+        out = np.empty((N_FRAMES, self.log10.shape[1]), np.float32)
+        return out, self.window_into(out, seek, end_frame)
+
+    def window_into(self, out: np.ndarray, seek: int, end_frame: int) -> int:
+        """``window``, written into ``out`` (N_FRAMES, n_mels) float32: a round's rows are one
+        reused buffer, not 64 new arrays stacked into a 65th. Returns how many frames are real."""
         size = max(0, min(N_FRAMES, end_frame - seek, self.content_frames - seek))
-        out = np.zeros((N_FRAMES, self.log10.shape[1]), np.float32)
-        out[:size] = self._normalised(self.log10[seek : seek + size])
-        return out, size
+        self._normalised(self.log10[seek : seek + size], out=out[:size])
+        out[size:] = 0.0
+        return size
 
     def detection_window(self) -> np.ndarray:
         """The first 3000 frames of the padded mel, as mlx_whisper detects the language on them

@@ -110,6 +110,29 @@ class RoundStats:
         return self.encode_s + self.decode_s + self.words_s
 
 
+class RoundInput:
+    """A round's windows, (rows, N_FRAMES, n_mels) float32, in one buffer reused round after round.
+
+    The driver thread fills it between the device's rounds, so its cost is the card's idle time:
+    64 new windows stacked into one array cost a copy of 61 MB and fresh pages every round
+    (benchmarks/bench_round_input.py)."""
+
+    def __init__(self, n_mels: int, rows: int = 1):
+        self._buf = np.empty((rows, N_FRAMES, n_mels), np.float32)
+
+    def row(self, i: int) -> np.ndarray:
+        """Row i's (N_FRAMES, n_mels) slot, growing the buffer (keeping what is written) if needed."""
+        if i >= len(self._buf):
+            grown = np.empty((max(i + 1, 2 * len(self._buf)), *self._buf.shape[1:]), np.float32)
+            grown[: len(self._buf)] = self._buf
+            self._buf = grown
+        return self._buf[i]
+
+    def to_mlx(self, n: int) -> mx.array:
+        """The first n rows as an MLX array (a copy: the buffer is written again next round)."""
+        return mx.array(self._buf[:n])
+
+
 class Session:
     """One model, its batch rows, and the files waiting for them."""
 
@@ -139,6 +162,7 @@ class Session:
         self.device = holder.device_name()
         self.stats = RoundStats()
         self._first_round_at: float | None = None  # perf_counter() at the first round's encode
+        self._input = RoundInput(self.loaded.dims.n_mels, self.batch_size)
         # Decoding containers and the log-mel run beside the device: on a GPU they must keep up with
         # it (an H100 transcribes ~1,000 s of audio a second), so use most cores, leaving one.
         threads = prepare_threads or max(2, min(MAX_PREPARE_THREADS, (os.cpu_count() or 2) - 1))
@@ -357,23 +381,23 @@ class Session:
 
     def _round(self, rows: list[Row]) -> None:
         began = time.perf_counter()
-        live, mels, sizes = [], [], []
+        live, sizes = [], []
         for r in rows:
-            mel, size = r.file.mel.window(r.seek, r.end_frame)
+            size = r.file.mel.window_into(self._input.row(len(live)), r.seek, r.end_frame)
             if r.file.mel.flat[r.seek : r.seek + size].all():
                 r.file.frames_done += size
-                r.seek += size  # digital silence: nothing to decode
+                r.seek += size  # digital silence: nothing to decode (its slot is written over)
                 continue
             live.append(r)
-            mels.append(mel)
             sizes.append(size)
-        detect = self._detection_rows(rows, live, sizes, mels)
+        detect = self._detection_rows(rows, live, sizes)
         if not live:
             return
         redecoded_before = self.stats.redecoded
         t0 = time.perf_counter()
         self.stats.read_s += t0 - began
-        features = encode(self.model, mx.array(np.stack(mels)).astype(self.loaded.dtype))  # (n, n_audio_ctx, n_audio_state)
+        n_windows = len(live) + sum(1 for _, index in detect.values() if index >= len(live))
+        features = encode(self.model, self._input.to_mlx(n_windows).astype(self.loaded.dtype))  # (n, n_audio_ctx, n_audio_state)
         mx.eval(features)
         t1 = time.perf_counter()
         self._detect(detect, features)
@@ -393,7 +417,7 @@ class Session:
             st.round_start_ms.append(round(1000 * (t0 - self._first_round_at)))
             st.round_ms.append(round(1000 * (t3 - t0)))
         st.rounds += 1
-        st.windows += len(mels)
+        st.windows += n_windows
         st.encode_s += t1 - t0
         st.decode_s += t2 - t1
         st.words_s += t3 - t2
@@ -406,19 +430,21 @@ class Session:
         before = self.stats.round_ms[-20:]
         return len(before) >= 3 and seconds > max(SLOW_ROUND_S, STALL_FACTOR * float(np.median(before)) / 1000)
 
-    def _detection_rows(self, rows, live, sizes, mels) -> dict[int, tuple[FileState, int]]:
+    def _detection_rows(self, rows, live, sizes) -> dict[int, tuple[FileState, int]]:
         """Files whose language is open get it from their first 30 s, as mlx_whisper detects it:
         from the first window's features where that window is a full one, else from an extra
-        window (a short file's detection window holds its padding's frames). -> {id: (file, row)}"""
+        window after the live rows' (a short file's detection window holds its padding's frames).
+        -> {id: (file, row)}"""
         out: dict[int, tuple[FileState, int]] = {}
+        extra = len(live)
         for r in rows:
             f = r.file
             if f.language is not None or id(f) in out:
                 continue
             index = next((i for i, (x, size) in enumerate(zip(live, sizes)) if x.file is f and x.seek == 0 and size == N_FRAMES), None)
             if index is None:
-                index = len(mels)
-                mels.append(f.mel.detection_window())
+                index, extra = extra, extra + 1
+                self._input.row(index)[:] = f.mel.detection_window()
             out[id(f)] = (f, index)
         return out
 
