@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import gzip
+import itertools
 import json
 import os
 import re
@@ -559,32 +560,36 @@ def _repetition(name: str) -> tuple[int, str]:
 def ratio_lines(results: dict) -> list[str]:
     """Two workers against one, each pair (tp1-k, tp2-k, run one after the other) on its own, then
     the best of each against the best of the other."""
-    def rate(tp: dict, key: str) -> float | None:
-        return tp.get(key) if tp and tp.get("integrity", {}).get("ok") else None
-
-    lines, best = [], {}
-    for k in range(1, 100):
+    end, first = "audio_hours_per_hour", "audio_hours_per_hour_from_first_job"
+    pairs = []  # (one worker's result, two workers'), None where missing or not intact
+    for k in itertools.count(1):
         suffix = "" if k == 1 else f"-{k}"
-        tp1, tp2 = results.get(f"tp1{suffix}"), results.get(f"tp2{suffix}")
-        if not (tp1 or tp2):
+        if f"tp1{suffix}" not in results and f"tp2{suffix}" not in results:
             break
-        for key in ("audio_hours_per_hour", "audio_hours_per_hour_from_first_job"):
-            for tp, n in ((tp1, 1), (tp2, 2)):
-                if (r := rate(tp, key)) is not None:
-                    best[(n, key)] = max(best.get((n, key), 0), r)
-        one, two = rate(tp1, "audio_hours_per_hour"), rate(tp2, "audio_hours_per_hour")
-        if one and two:
-            a, b = rate(tp1, "audio_hours_per_hour_from_first_job"), rate(tp2, "audio_hours_per_hour_from_first_job")
-            spans = [max((r.get("span_s") or 0 for r in tp.get("rounds", [])), default=0) for tp in (tp1, tp2)]
-            lines.append(f"- pair {k}: two workers / one worker **{two / one:.2f}x** end to end (enqueue to the last row)"
-                         + (f", {b / a:.2f}x from the first job's start" if a and b else "")
-                         + (f", {spans[0] / spans[1]:.2f}x from the first round to the last" if all(spans) else ""))
-    if k > 2 and (1, "audio_hours_per_hour") in best and (2, "audio_hours_per_hour") in best:
-        lines.append(f"- best two-worker run / best one-worker run: "
-                     f"**{best[(2, 'audio_hours_per_hour')] / best[(1, 'audio_hours_per_hour')]:.2f}x** end to end"
-                     + (f", {best[(2, 'audio_hours_per_hour_from_first_job')] / best[(1, 'audio_hours_per_hour_from_first_job')]:.2f}x"
-                        " from the first job's start" if (1, "audio_hours_per_hour_from_first_job") in best
-                        and (2, "audio_hours_per_hour_from_first_job") in best else ""))
+        pairs.append(tuple(tp if tp and tp.get("integrity", {}).get("ok") else None
+                           for tp in (results.get(f"tp1{suffix}"), results.get(f"tp2{suffix}"))))
+
+    def ratio(one: dict | None, two: dict | None, key: str) -> float | None:
+        return two[key] / one[key] if one and two and one.get(key) and two.get(key) else None
+
+    lines = []
+    for k, (one, two) in enumerate(pairs, 1):
+        if (r := ratio(one, two, end)) is None:
+            continue
+        parts = [f"**{r:.2f}x** end to end (enqueue to the last row)"]
+        if (r := ratio(one, two, first)) is not None:
+            parts.append(f"{r:.2f}x from the first job's start")
+        spans = [max((w.get("span_s") or 0 for w in tp.get("rounds", [])), default=0) for tp in (one, two)]
+        if all(spans):
+            parts.append(f"{spans[0] / spans[1]:.2f}x from the first round to the last")
+        lines.append(f"- pair {k}: two workers / one worker " + ", ".join(parts))
+    if len(pairs) > 1:
+        best = [{key: max((p[n][key] for p in pairs if p[n] and p[n].get(key)), default=None) for key in (end, first)}
+                for n in (0, 1)]
+        if (r := ratio(*best, end)) is not None:
+            r_first = ratio(*best, first)
+            lines.append(f"- best two-worker run / best one-worker run: **{r:.2f}x** end to end"
+                         + (f", {r_first:.2f}x from the first job's start" if r_first is not None else ""))
     return lines
 
 
@@ -695,7 +700,7 @@ def run_phases(d: Drill, args: argparse.Namespace, phases: tuple[str, ...]) -> l
     left: list[str] = []
     for phase in phases:
         done_before = [json.loads(p.read_text()).get("phase_s", 0) for p in (d.work / "results").glob("*.json")
-                       if p.stem.split("-")[0] in ("tp1", "tp2", "kill", "broker")]
+                       if _repetition(p.stem)[1] in ("tp1", "tp2", "kill", "broker")]
         needs_s = 1.2 * max(done_before, default=args.phase_estimate_s)  # the longest phase so far, with a margin
         if left or (phase != "build" and d.left_s() < needs_s):
             left.append(phase)
@@ -704,8 +709,8 @@ def run_phases(d: Drill, args: argparse.Namespace, phases: tuple[str, ...]) -> l
         t0 = time.monotonic()
         if phase == "build":
             result = build(d, args.audio_root, args.small, args.tilings, args.copies)
-        elif phase.split("-")[0] in ("warmup", "tp1", "tp2"):
-            result = throughput(d, phase, 1 if phase.startswith("tp1") else 2)
+        elif _repetition(phase)[1] in ("warmup", "tp1", "tp2"):
+            result = throughput(d, phase, 1 if _repetition(phase)[1] == "tp1" else 2)
         elif phase == "kill":
             result = kill_one(d)
         else:

@@ -390,13 +390,12 @@ class Session:
                 continue
             live.append(r)
             sizes.append(size)
-        detect = self._detection_rows(rows, live, sizes)
+        detect, n_windows = self._detection_rows(rows, live, sizes)
         if not live:
             return
         redecoded_before = self.stats.redecoded
         t0 = time.perf_counter()
         self.stats.read_s += t0 - began
-        n_windows = len(live) + sum(1 for _, index in detect.values() if index >= len(live))
         features = encode(self.model, self._input.to_mlx(n_windows).astype(self.loaded.dtype))  # (n, n_audio_ctx, n_audio_state)
         mx.eval(features)
         t1 = time.perf_counter()
@@ -430,11 +429,11 @@ class Session:
         before = self.stats.round_ms[-20:]
         return len(before) >= 3 and seconds > max(SLOW_ROUND_S, STALL_FACTOR * float(np.median(before)) / 1000)
 
-    def _detection_rows(self, rows, live, sizes) -> dict[int, tuple[FileState, int]]:
+    def _detection_rows(self, rows, live, sizes) -> tuple[dict[int, tuple[FileState, int]], int]:
         """Files whose language is open get it from their first 30 s, as mlx_whisper detects it:
         from the first window's features where that window is a full one, else from an extra
         window after the live rows' (a short file's detection window holds its padding's frames).
-        -> {id: (file, row)}"""
+        -> ({id: (file, row)}, the windows the round encodes: the live rows' and the extra ones)"""
         out: dict[int, tuple[FileState, int]] = {}
         extra = len(live)
         for r in rows:
@@ -446,7 +445,7 @@ class Session:
                 index, extra = extra, extra + 1
                 self._input.row(index)[:] = f.mel.detection_window()
             out[id(f)] = (f, index)
-        return out
+        return out, extra
 
     def _detect(self, detect: dict[int, tuple[FileState, int]], features: mx.array) -> None:
         if not detect:
