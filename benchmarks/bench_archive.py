@@ -180,6 +180,7 @@ def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batc
                        "redecoded": stats.redecoded, "splits": stats.splits, "idle_rows": stats.idle_rows,
                        "starved_rows": stats.starved_rows, "live_rows": stats.live_rows,
                        "round_start_ms": stats.round_start_ms, "round_ms": stats.round_ms,
+                       "round_encode_ms": stats.round_encode_ms, "round_words_ms": stats.round_words_ms,
                        "encode_s": round(stats.encode_s, 2), "decode_s": round(stats.decode_s, 2),
                        "words_s": round(stats.words_s, 2), "read_s": round(stats.read_s, 2)}
 

@@ -250,7 +250,13 @@ def rounds_of(totals: dict) -> dict:
     live = totals.get("live_rows", [])
     return {"rounds": totals.get("rounds"), "device_s": totals.get("device_s"), "span_s": round(span_ms / 1000, 2),
             "between_rounds_s": round((span_ms - sum(lengths)) / 1000, 2), "redecoded": totals.get("redecoded"),
-            "first_rows": live[:3], "last_rows": live[-4:]}
+            "first_rows": live[:3], "last_rows": live[-4:], "first_rounds_ms": _first_rounds(totals)}
+
+
+def _first_rounds(totals: dict, n: int = 4) -> list[dict]:
+    """The first rounds' length, encode, decode and words (ms): a process's first rounds ran slower."""
+    lengths, enc, words = (totals.get(k) or [] for k in ("round_ms", "round_encode_ms", "round_words_ms"))
+    return [{"ms": t, "encode": e, "decode": t - e - w, "words": w} for t, e, w in zip(lengths[:n], enc, words)]
 
 
 def counts(rows: list) -> dict[str, int]:
@@ -650,8 +656,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=530, help="start no phase, and wait no longer, after this")
     ap.add_argument("--phase-estimate-s", type=float, default=150, help="a phase's length before one has run")
     args = ap.parse_args()
-    phases = PHASES if args.phases == "all" else tuple(p for p in PHASES if p in args.phases.split(","))
-    phases = with_repeats(phases, args.repeat)
+    phases = with_repeats(PHASES, args.repeat) if args.phases == "all" else named_phases(args.phases, args.repeat)
     d = Drill(work=args.work.resolve(), out=args.out.resolve(), model=args.model or ("tiny.en" if args.small else "base"),
               devices=("cpu", "cpu") if args.small else ("gpu:0", "gpu:1"), per_gpu=not args.small,
               lease_s=args.lease_s or (6 if args.small else 20),
@@ -693,6 +698,18 @@ def with_repeats(phases: tuple[str, ...], repeat: int) -> tuple[str, ...]:
     rest = [p for p in phases[at:] if p not in tps]
     again = [f"{p}-{k}" for k in range(2, repeat + 1) for p in tps]
     return (*phases[:at], *tps, *again, *rest)
+
+
+def named_phases(names: str, repeat: int) -> tuple[str, ...]:
+    """--phases in the drill's order; a repetition by name ("tp1-2,tp2-2": the second pair, in a
+    call of its own when one call's time does not hold two pairs)."""
+    asked = names.split(",")
+    unknown = [n for n in asked if _repetition(n)[1] not in PHASES]
+    if unknown:
+        raise SystemExit(f"unknown phases: {', '.join(unknown)} (from {', '.join(PHASES)}, or tp1-2 and the like)")
+    plain = with_repeats(tuple(p for p in PHASES if p in asked), repeat)
+    again = tuple(n for n in asked if n not in PHASES and n not in plain)
+    return (*plain, *sorted(again, key=lambda n: _repetition(n)))
 
 
 def run_phases(d: Drill, args: argparse.Namespace, phases: tuple[str, ...]) -> list[str]:

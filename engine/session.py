@@ -98,6 +98,10 @@ class RoundStats:
     # the gaps between rounds are the driver's own time and its waits, the tail shows where rows ran dry
     round_start_ms: list[int] = field(default_factory=list)
     round_ms: list[int] = field(default_factory=list)
+    # of each traced round's length, its encode and its word timings (ms; the rest is decoding):
+    # where a slow first round of a process goes
+    round_encode_ms: list[int] = field(default_factory=list)
+    round_words_ms: list[int] = field(default_factory=list)
     files: int = 0  # files prepared
     audio_s: float = 0.0  # their audio
     prepare_decode_s: float = 0.0  # decoding containers, summed over the preparing threads
@@ -178,13 +182,15 @@ class Session:
         self.split_grace_s = 0.0
 
     def warm_up(self) -> float:
-        """Run the decoding step once per kernel variant before the first file, so that MLX compiles
-        them now rather than in the middle of a full round: its fused kernels differ for one row
-        and for several, and for greedy decoding and temperature fallback's sampling. On a GPU
-        the first fallback of a fresh process stalled a 64-row round for 16-24 s (H200, base; the
-        one-row variant 7.7 s), every row waiting and the jobs' leases running down. Compiled
-        kernels are cached on disk: on a fresh H200 this took 92-102 s, in later processes there
-        1.0-1.5 s, on a 2-core CPU 0.6 s. Returns the seconds it took."""
+        """Run the decoding step once per kernel variant (and compile the word timings' DTW) before
+        the first file, so that MLX compiles them now rather than in the middle of a full round:
+        its fused kernels differ for one row and for several, and for greedy decoding and
+        temperature fallback's sampling. On a GPU the first fallback of a fresh process stalled a
+        64-row round for 16-24 s (H200, base; the one-row variant 7.7 s), every row waiting and the
+        jobs' leases running down. Compiled kernels are cached on disk: on a fresh H200 this took
+        92-102 s, in later processes there 1.0-1.5 s, on a 2-core CPU 0.6 s; with MLX's kernel
+        cache unpacked first (benchmarks/gpu/mlx-ptx-cache.tgz) a fresh H200 took 2.9-3.6 s.
+        Returns the seconds it took."""
         t0 = time.perf_counter()
         dims = self.loaded.dims  # the encoder is not compiled: random features stand in for its output
         features = (0.1 * mx.random.normal((2, dims.n_audio_ctx, dims.n_audio_state), key=mx.random.key(0))).astype(self.loaded.dtype)
@@ -195,8 +201,9 @@ class Session:
             for temperature in (0.0, hotter):
                 decode_batch(self.model, [tokenizer] * rows, features[:rows], [[]] * rows,
                              temperature=temperature, options=options, rules=self.rules)
+        words.warm_up()
         took = time.perf_counter() - t0
-        log.info("decoding kernels ready in %.1f s", took)
+        log.info("decoding kernels and word timings ready in %.1f s", took)
         return took
 
     # --- submitting and collecting ------------------------------------------------------------
@@ -415,6 +422,8 @@ class Session:
                 self._first_round_at = t0
             st.round_start_ms.append(round(1000 * (t0 - self._first_round_at)))
             st.round_ms.append(round(1000 * (t3 - t0)))
+            st.round_encode_ms.append(round(1000 * (t1 - t0)))
+            st.round_words_ms.append(round(1000 * (t3 - t2)))
         st.rounds += 1
         st.windows += n_windows
         st.encode_s += t1 - t0

@@ -219,17 +219,28 @@ def test_files_submitted_together_share_the_first_round(data_dir, shared_audio):
     assert session.stats.live_rows[0] == 3 and session.stats.rounds == 1, session.stats.live_rows
     # the round's trace: it starts the timeline, and its device time is counted
     assert session.stats.round_start_ms == [0] and session.stats.round_ms[0] > 0, session.stats
+    assert 0 < session.stats.round_encode_ms[0] < session.stats.round_ms[0], session.stats
+    assert session.stats.round_words_ms == [0], session.stats  # words were off
 
 
-def test_a_warmed_up_session_has_compiled_every_decoding_step(data_dir):
+def test_a_warmed_up_session_has_compiled_every_decoding_step(data_dir, shared_audio):
     """Before its first job a worker runs the decoding step's variants (the first step and the
-    rest, greedy and sampled, one row and several), so a fallback mid-round compiles nothing."""
+    rest, greedy and sampled, one row and several), so a fallback mid-round compiles nothing, and
+    compiles the word timings' DTW for the argument types a real round passes."""
+    from engine import words
     from engine.session import Session
 
     session = Session(MODEL, batch_size=4, prepare_threads=2)
     try:
         assert session.rules._compiled == {}
         assert session.warm_up() > 0
+        assert set(session.rules._compiled) == {(True, False), (False, False), (True, True), (False, True)}
+        assert len(words._dtw_batch.signatures) == 1
+        future = session.submit(str(shared_audio / "en" / "jfk.flac"))  # words on
+        session.run_until_done([future])
     finally:
         session.close()
-    assert set(session.rules._compiled) == {(True, False), (False, False), (True, True), (False, True)}
+    assert future.result().segments[0].words
+    # the round used what the warm-up compiled: no second specialisation
+    assert len(words._dtw_batch.signatures) == 1, words._dtw_batch.signatures
+

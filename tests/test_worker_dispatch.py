@@ -172,3 +172,29 @@ def test_longest_files_are_taken_first(env: str, shared_audio: Path, tmp_path: P
     assert sorted(taken) == sorted(ids)
     seconds = [duration[i] for i in taken]
     assert seconds == sorted(seconds, reverse=True) and seconds[0] > seconds[-1]
+
+
+def test_a_message_taken_while_the_reconciler_looks_is_not_sent_again(
+    env: str, shared_audio: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A worker drops a message's marker and then claims its job. When that happens just as the
+    reconciler reads the markers, the job is not "lost": it must not get a second message."""
+    from models.db import session_scope
+    from models.jobs import claim_job
+    from worker.dispatch import MARKERS_KEY, forget
+    from worker.reconcile import reconcile
+
+    first, second = enqueue(copy_clips(shared_audio, tmp_path / "audio", SHORT_CLIPS[:2]))
+    real_hgetall = redis.Redis.hgetall
+
+    def worker_takes_first_meanwhile(self, name):
+        if name == MARKERS_KEY:  # a worker receives `first`'s message and claims its job
+            forget([first])
+            with session_scope() as session:
+                assert claim_job(session=session, job_id=first, worker_host="busy:1", lease_s=60)
+        return real_hgetall(self, name)
+
+    monkeypatch.setattr(redis.Redis, "hgetall", worker_takes_first_meanwhile)
+    report = reconcile(force=True, grace=0)
+    assert report.redispatched == [], report
+    assert _queue(env) == sorted([first, second])  # one message each, as the enqueue sent them

@@ -108,6 +108,8 @@ def totals() -> dict:
             "live_rows": st.live_rows,  # rows run in each round: the ramp at the start, the tail at the end
             "round_start_ms": st.round_start_ms,  # each round's start after the first round's
             "round_ms": st.round_ms,  # each round's time on the device
+            "round_encode_ms": st.round_encode_ms,  # of which encoding
+            "round_words_ms": st.round_words_ms,  # and word timings
             "splits": st.splits,
             "device_s": round(st.device_s, 3),
             "encode_s": round(st.encode_s, 3),

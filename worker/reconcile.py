@@ -121,6 +121,11 @@ def reconcile(*, force: bool = False, grace: float | None = None) -> ReconcileRe
         _log(report)
         return report
     cutoff = utcnow() - timedelta(seconds=grace)
+    # The markers first, then the queued jobs: a task drops its marker and then claims its job, so
+    # read the other way round, a job claimed between the two reads looked queued without a
+    # marker and was sent again (a pass in every fleet drill's phase re-dispatched 1 or 2 of them;
+    # harmless, the claim is atomic, but a duplicate message and a warning each time).
+    markers = {int(k): v.decode() for k, v in r.hgetall(MARKERS_KEY).items()}
     with session_scope() as session:
         queued = session.execute(
             select(Job.id, Job.model, Job.created_at, Job.dispatched_at).where(Job.status == JobStatus.QUEUED)
@@ -130,7 +135,6 @@ def reconcile(*, force: bool = False, grace: float | None = None) -> ReconcileRe
         if row.created_at < cutoff and (row.dispatched_at is None or row.dispatched_at < cutoff)
     ]
     if candidates:
-        markers = {int(k): v.decode() for k, v in r.hgetall(MARKERS_KEY).items()}
         empty_queues: dict[str, bool] = {}
         # A marker older than this with an empty queue has outlived its message (see module doc).
         stale_before = time.time() - grace - max(REQUEUE_BACKOFF_S)

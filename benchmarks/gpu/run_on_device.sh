@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repo root, after the parts of prepare.sh are in /tmp/stage/.
-# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|e2e|plan|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3
+# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|e2e|plan|hostshare|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3
 #   archive: builds the archive (3.2 h, 91 files), then bench_archive.py: sequential mlx-whisper
 #            file by file vs the engine in archive mode, words off and on, and each long file alone
 #   engine:  the engine's two methods only, sequential's outputs reused from an earlier archive run
@@ -11,6 +11,8 @@
 #            (REPEAT runs, the fastest reported), then `archive-asr run` end to end, then where its start goes
 #   plan:    on the fleet's archive, GPU 0 only: the engine alone, rows planned, REPEAT sessions in one
 #            process, with the memory the plan sees before each
+#   hostshare: the engine alone on half of the fleet's archive, GPU 0 alone, both GPUs at once, GPU 0
+#            alone again: what sharing one host costs each engine, without the database or the broker
 #   quant:   bench_quant.py: MODELS (default base) full / 8-bit / 4-bit (VARIANTS; LONG_FILES='' skips them) (made here with engine.quantize) on both long files
 #            and the archive, peak memory at an equal batch, large-v3-turbo shapes (random weights)
 #   fleet:   fleet_drill.py on two GPUs (nvidia-h100-x2): PostgreSQL from pgserver, the embedded Valkey
@@ -45,8 +47,8 @@ if [ ! -d /tmp/site/mlx ]; then
 fi
 # MLX's CUDA kernels as PTX, cached on disk by MLX 0.32.4 after it compiles them (fetched from an
 # H200 run, 2026-11-28: tar czf $OUT/ptx.tgz -C /tmp mlx). A fresh machine compiles them on first
-# use: the first worker's decoding kernels took 92-102 s there. Whether the cache saves that on a
-# fresh machine is not measured yet.
+# use: the first worker's decoding kernels took 92-102 s there; with this cache unpacked, 2.9-3.6 s
+# (a fresh H200 pair, 2026-11-28, the fleet drill's warm-up).
 [ -d /tmp/mlx ] || tar xzf benchmarks/gpu/mlx-ptx-cache.tgz -C /tmp 2>/dev/null || true
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 x=/tmp/stage/x/extra
@@ -67,7 +69,7 @@ big_engine_and_run() {  # on GPU 0, the fleet's archive: the engine alone ($1: m
     --compare /tmp/gpu0_engine_big.json --compare-method "$2" --json-out "$out/gpu0_run_big.json" 2>&1 \
     | tee "$out/gpu0_run_big.log" | tail -48
 }
-if [ "$mode" != fleet ] && [ "$mode" != e2e ] && [ "$mode" != plan ] && [ "$mode" != fleetrun ] && [ "$mode" != d1 ] && [ "$mode" != d2 ] && [ "$mode" != d3 ]; then  # the fleet drill builds its own, larger archive
+if [ "$mode" != fleet ] && [ "$mode" != hostshare ] && [ "$mode" != e2e ] && [ "$mode" != plan ] && [ "$mode" != fleetrun ] && [ "$mode" != d1 ] && [ "$mode" != d2 ] && [ "$mode" != d3 ]; then  # the fleet drill builds its own, larger archive
   [ -f $archive/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $archive --tilings ${TILINGS:-9}
 fi
 case "$mode" in
@@ -103,6 +105,20 @@ case "$mode" in
     ;;
   fleet)
     drill "${PHASES:-all}" "$out" "${TILINGS:-13}" --budget-s "${BUDGET_S:-520}" --repeat "${REPEAT:-1}" | tee "$out/fleet.log"
+    ;;
+  hostshare)  # is one host a shared resource? The engine alone (no database, no broker) on half of the
+              # fleet's archive (built here: TILINGS, default 80): GPU 0 alone, then GPU 0 and GPU 1 at once
+              # (each its half), then GPU 0 alone again; compare each run's time per window
+    [ -f /tmp/fleet/archive/manifest.json ] || drill build "$out/build" "${TILINGS:-80}"
+    cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
+    engine_half() {  # $1 GPU, $2 shard, $3 name
+      CUDA_VISIBLE_DEVICES=$1 python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files --model base \
+        --methods engine-words --batch-size 64 --shard "$2/2" --json-out "$out/$3.json" 2>&1 | grep -v '^INFO' > "$out/$3.log"
+    }
+    engine_half 0 0 alone1
+    engine_half 0 0 pair_gpu0 & engine_half 1 1 pair_gpu1 & wait
+    engine_half 0 0 alone2
+    grep -h "engine-words {" "$out"/*.log | cut -c1-300
     ;;
   plan)  # GPU 0: the engine alone on the fleet's archive, rows planned, REPEAT sessions in one process,
          # with what the plan sees before each (a second session once planned 18 rows: README "Batch size")
