@@ -141,14 +141,19 @@ def memory_view() -> dict:
     return out
 
 
-def engine_variant(method: str, batch_size: int) -> int:
-    """"engine-words:b128" -> 128: the batch size of one engine variant, so that several compare in
-    one process on the same arrays."""
+def engine_variant(method: str, batch_size: int) -> tuple[int, bool]:
+    """"engine-words:b128:paths" -> (128, True): one engine variant's batch size, and whether it is
+    given the files' paths (decoded and their log-mel made in the session's preparing threads, as in
+    a worker) rather than the arrays every method shares, so that several compare in one process."""
+    paths = False
     for part in method.split(":")[1:]:
-        if not (part.startswith("b") and part[1:].isdigit()):
-            raise SystemExit(f"{method}: unknown variant {part!r} (bN: N rows)")
-        batch_size = int(part[1:])
-    return batch_size
+        if part == "paths":
+            paths = True
+        elif part.startswith("b") and part[1:].isdigit():
+            batch_size = int(part[1:])
+        else:
+            raise SystemExit(f"{method}: unknown variant {part!r} (bN: N rows; paths: submit paths)")
+    return batch_size, paths
 
 
 def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batch_size: int, min_region_s: float | None):
@@ -182,7 +187,8 @@ def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batc
                        "round_start_ms": stats.round_start_ms, "round_ms": stats.round_ms,
                        "round_encode_ms": stats.round_encode_ms, "round_words_ms": stats.round_words_ms,
                        "encode_s": round(stats.encode_s, 2), "decode_s": round(stats.decode_s, 2),
-                       "words_s": round(stats.words_s, 2), "read_s": round(stats.read_s, 2)}
+                       "words_s": round(stats.words_s, 2), "read_s": round(stats.read_s, 2),
+                       "prepare_decode_s": round(stats.prepare_decode_s, 2), "prepare_mel_s": round(stats.prepare_mel_s, 2)}
 
 
 # ---------------------------------------------------------------- comparison
@@ -295,12 +301,13 @@ def main() -> None:
             mx.reset_peak_memory()
             out, wall = run_sequential(audios, languages, folder, fp16, words, loaded.is_multilingual)
         else:
-            batch_size = engine_variant(method, args.batch_size)
+            batch_size, from_paths = engine_variant(method, args.batch_size)
             run_engine(warm, args.model, words, batch_size, args.min_region_s)
+            inputs = {p: args.archive / p for p in audios} if from_paths else audios
             runs = []
             for _ in range(args.repeat):
                 mx.reset_peak_memory()
-                out, wall, extra = run_engine(audios, args.model, words, batch_size, args.min_region_s)
+                out, wall, extra = run_engine(inputs, args.model, words, batch_size, args.min_region_s)
                 runs.append((wall, out, {**extra, "peak_gib": round(mx.get_peak_memory() / 2**30, 2)}))
             # The fastest run is reported: on a fresh machine the first compiles kernels, and on an
             # H200 (24.6 h, 64 rows) the archive's second run in one process took 65.9 s where the

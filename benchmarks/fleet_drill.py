@@ -75,6 +75,7 @@ class Drill:
     blas_threads: int | None  # CPU workers' OPENBLAS_NUM_THREADS: 0 = cores / workers, None = unset
     deadline: float  # time.monotonic() after which no phase starts and waits give up
     batch_size: int = 0  # ARCHIVE_ASR_BATCH_SIZE for every worker; 0: each plans its own
+    worker_env: dict = field(default_factory=dict)  # more ARCHIVE_ASR_* settings for every worker (--worker-env)
     server: object = None  # pgserver's PostgresServer, or None with --database-url
     base_url: str = ""
     logs: list[Path] = field(default_factory=list)
@@ -133,6 +134,7 @@ def env_for(d: Drill, db_url: str, *, threads: int | None = None) -> dict:
         env["OPENBLAS_NUM_THREADS"] = str(threads)
     if d.batch_size:
         env["ARCHIVE_ASR_BATCH_SIZE"] = str(d.batch_size)
+    env.update(d.worker_env)
     return env
 
 
@@ -652,6 +654,8 @@ def main() -> None:
     ap.add_argument("--blas-threads", type=int, default=0,
                     help="--small: OPENBLAS_NUM_THREADS per worker (0: cores / workers)")
     ap.add_argument("--copies", type=int, default=2, help="--small: each WAV clip this many times, made unique")
+    ap.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an ARCHIVE_ASR_* setting for every worker, e.g. ARCHIVE_ASR_MIN_REGION_S=60 (repeatable)")
     ap.add_argument("--database-url", default=None, help="an existing PostgreSQL server to create the databases on")
     ap.add_argument("--budget-s", type=float, default=530, help="start no phase, and wait no longer, after this")
     ap.add_argument("--phase-estimate-s", type=float, default=150, help="a phase's length before one has run")
@@ -662,7 +666,7 @@ def main() -> None:
               lease_s=args.lease_s or (6 if args.small else 20),
               models_dir=(args.models_dir or (REPO / ".data" / "test-models" if args.small else REPO / ".data" / "models")).resolve(),
               blas_threads=args.blas_threads if args.small else None, deadline=time.monotonic() + args.budget_s,
-              batch_size=args.batch_size)
+              batch_size=args.batch_size, worker_env=dict(kv.split("=", 1) for kv in args.worker_env))
     for p in (d.work, d.out, d.work / "results"):
         p.mkdir(parents=True, exist_ok=True)
     start_postgres(d, args.database_url)

