@@ -2,9 +2,10 @@
 in x real time per CPU second.
 
 A worker decodes every file in a child process and computes its log-mel in a thread, beside the
-device's rounds, so this is host CPU per audio hour (on a GPU host, what a second worker's decoders take from the first: README, "The
-fleet drill"). Files from an archive made by build_archive.py (FLAC, MP3, Opus, M4A, WAV);
-each container's files are decoded REPEAT times, the best pass reported.
+device's rounds, so this is host CPU per audio hour (on a GPU host, what a second worker's
+preparing takes from the first: README, "The fleet drill"). Files from an archive made by
+build_archive.py (FLAC, MP3, Opus, M4A, WAV); each container's files are prepared REPEAT times,
+the best pass reported.
 
     .venv/bin/python benchmarks/build_archive.py --out /tmp/arch --tilings 3
     .venv/bin/python benchmarks/bench_decode.py --archive /tmp/arch

@@ -80,6 +80,16 @@ big_engine_and_run() {  # on GPU 0, the fleet's archive: the engine alone ($1: m
     --compare /tmp/gpu0_engine_big.json --compare-method "$2" --json-out "$out/gpu0_run_big.json" 2>&1 \
     | tee "$out/gpu0_run_big.log" | tail -48
 }
+fleet_archive() {  # the fleet's archive (built here if missing: TILINGS, default 80), its manifest where bench_archive reads it
+  [ -f /tmp/fleet/archive/manifest.json ] || drill build "$out/build" "${TILINGS:-80}" | tail -2
+  cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
+}
+engine_shard() {  # the engine alone on a shard of the fleet's archive: $1 GPU, $2 shard (I/N), $3 name, $4 methods, $5 CPUs (taskset) or ""
+  ${5:+taskset -c $5} env CUDA_VISIBLE_DEVICES=$1 python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files \
+    --model base --methods "$4" --batch-size 64 --shard "$2" --json-out "$out/$3.json" 2>&1 | grep -v '^INFO' > "$out/$3.log"
+}
+burn() { ${2:+taskset -c $2} python3 benchmarks/host_cpu_probe.py --burn "$1" ${3:-} --seconds 600 & burner=$!; }  # $1 processes, $2 CPUs or "", $3 --memory
+unburn() { kill $burner; wait $burner 2>/dev/null || true; }
 if [ "$mode" != fleet ] && [ "$mode" != hostshare ] && [ "$mode" != e2e ] && [ "$mode" != plan ] && [ "$mode" != fleetrun ] && [ "$mode" != d1 ] && [ "$mode" != d2 ] && [ "$mode" != d3 ]; then  # the fleet drill builds its own, larger archive
   [ -f $archive/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $archive --tilings ${TILINGS:-9}
 fi
@@ -139,48 +149,30 @@ case "$mode" in
   hostshare)  # is one host a shared resource? The engine alone (no database, no broker) on half of the
               # fleet's archive (built here: TILINGS, default 80): GPU 0 alone, then GPU 0 and GPU 1 at once
               # (each its half), then GPU 0 alone again; compare each run's time per window
-    [ -f /tmp/fleet/archive/manifest.json ] || drill build "$out/build" "${TILINGS:-80}"
-    cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
-    engine_half() {  # $1 GPU, $2 shard, $3 name
-      CUDA_VISIBLE_DEVICES=$1 python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files --model base \
-        --methods engine-words --batch-size 64 --shard "$2/2" --json-out "$out/$3.json" 2>&1 | grep -v '^INFO' > "$out/$3.log"
-    }
-    engine_half 0 0 alone1
-    engine_half 0 0 pair_gpu0 & engine_half 1 1 pair_gpu1 & wait
-    engine_half 0 0 alone2
+    fleet_archive
+    engine_shard 0 0/2 alone1 engine-words
+    engine_shard 0 0/2 pair_gpu0 engine-words & engine_shard 1 1/2 pair_gpu1 engine-words & wait
+    engine_shard 0 0/2 alone2 engine-words
     grep -h "engine-words {" "$out"/*.log | cut -c1-300
     ;;
   hostmem)
-    [ -f /tmp/fleet/archive/manifest.json ] || drill build "$out/build" "${TILINGS:-80}" | tail -2
-    cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
-    third() {  # $1 name
-      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files \
-        --model base --methods engine-words --batch-size 64 --shard 0/3 --json-out "$out/$1.json" 2>&1 | grep -v '^INFO' > "$out/$1.log"
-    }
-    third alone1
-    python3 benchmarks/host_cpu_probe.py --burn 14 --memory --seconds 600 & burner=$!
-    third memory14; kill $burner; wait $burner 2>/dev/null || true
-    python3 benchmarks/host_cpu_probe.py --burn 14 --seconds 600 & burner=$!
-    third spin14; kill $burner; wait $burner 2>/dev/null || true
-    third alone2
+    fleet_archive
+    engine_shard 0 0/3 alone1 engine-words
+    burn 14 "" --memory; engine_shard 0 0/3 memory14 engine-words; unburn
+    burn 14 ""; engine_shard 0 0/3 spin14 engine-words; unburn
+    engine_shard 0 0/3 alone2 engine-words
     grep -H "^engine-words" "$out"/*.log | sed "s|$out/||" | cut -c1-160
     ;;
   hostcpu)
     lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|NUMA|MHz" || true
     python3 benchmarks/host_cpu_probe.py --json-out "$out/probe.json"
-    [ -f /tmp/fleet/archive/manifest.json ] || drill build "$out/build" "${TILINGS:-80}" | tail -2
-    cp /tmp/fleet/archive/manifest.json /tmp/fleet/archive/files/manifest.json
-    third() {  # $1 GPU, $2 shard, $3 name, $4 methods, $5 CPUs (taskset, or "")
-      ${5:+taskset -c $5} env CUDA_VISIBLE_DEVICES=$1 python3 benchmarks/bench_archive.py --archive /tmp/fleet/archive/files \
-        --model base --methods "$4" --batch-size 64 --shard "$2/3" --json-out "$out/$3.json" 2>&1 | grep -v '^INFO' > "$out/$3.log"
-    }
-    burn() { ${2:+taskset -c $2} python3 benchmarks/host_cpu_probe.py --burn "$1" --seconds 600 & burner=$!; }
-    third 0 0 alone engine-words,engine-words:paths ""
-    burn 14 ""; third 0 0 burn14 engine-words ""; kill $burner; wait $burner 2>/dev/null || true
-    burn 14 8-31; third 0 0 burn14_pinned engine-words 0-7; kill $burner; wait $burner 2>/dev/null || true
-    third 0 0 pair_gpu0 engine-words:paths "" & third 1 1 pair_gpu1 engine-words:paths "" & wait
-    third 0 0 split_gpu0 engine-words:paths 0-15 & third 1 1 split_gpu1 engine-words:paths 16-31 & wait
-    third 0 0 evenodd_gpu0 engine-words:paths 0-30:2 & third 1 1 evenodd_gpu1 engine-words:paths 1-31:2 & wait
+    fleet_archive
+    engine_shard 0 0/3 alone engine-words,engine-words:paths
+    burn 14 ""; engine_shard 0 0/3 burn14 engine-words; unburn
+    burn 14 8-31; engine_shard 0 0/3 burn14_pinned engine-words 0-7; unburn
+    engine_shard 0 0/3 pair_gpu0 engine-words:paths & engine_shard 1 1/3 pair_gpu1 engine-words:paths & wait
+    engine_shard 0 0/3 split_gpu0 engine-words:paths 0-15 & engine_shard 1 1/3 split_gpu1 engine-words:paths 16-31 & wait
+    engine_shard 0 0/3 evenodd_gpu0 engine-words:paths 0-30:2 & engine_shard 1 1/3 evenodd_gpu1 engine-words:paths 1-31:2 & wait
     grep -H "^engine-words" "$out"/*.log | sed "s|$out/||" | cut -c1-230
     ;;
   plan)  # GPU 0: the engine alone on the fleet's archive, rows planned, REPEAT sessions in one process,
