@@ -19,7 +19,9 @@ the audio over the sum of its files' times), runs only the methods still missing
 
 ``--lone`` also runs each English long file alone through the engine, with
 ``--min-region-s`` values (the shortest stretch a lone file is cut into to fill idle rows),
-against sequential on that file (from the archive run).
+against sequential on that file (from the archive run). ``--lone-sets`` names other sets whose
+files run alone, one after another (a tiling's pieces: many cut placements where one file gives
+few); ``--sets`` keeps only some sets' files (sequential on the long files alone, say).
 
 A script that prints numbers, not a test. Needs jiwer and whisper-normalizer
 (benchmarks/install_bench_deps.sh).
@@ -156,14 +158,28 @@ def engine_variant(method: str, batch_size: int) -> tuple[int, bool]:
     return batch_size, paths
 
 
-def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batch_size: int, min_region_s: float | None):
-    from engine.options import EngineOptions
+def new_session(model_name: str, batch_size: int, min_region_s: float | None):
     from engine.session import MIN_REGION_S, Session
 
-    print("memory before the session:", json.dumps(memory_view()), flush=True)
     session = Session(model_name, batch_size=batch_size, min_region_s=min_region_s or MIN_REGION_S)
     session.warm_up()  # as a worker does before its first job
-    options = EngineOptions(word_timestamps=words)
+    return session
+
+
+def session_options(words: bool):
+    from engine.options import EngineOptions
+
+    return EngineOptions(word_timestamps=words)
+
+
+def transcript_output(t) -> dict:
+    return {"text": t.text, "language": t.language, "words": [(w.word, w.start_s, w.end_s) for s in t.segments for w in s.words]}
+
+
+def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batch_size: int, min_region_s: float | None):
+    print("memory before the session:", json.dumps(memory_view()), flush=True)
+    session = new_session(model_name, batch_size, min_region_s)
+    options = session_options(words)
     try:
         t0 = time.perf_counter()
         futures = {p: session.submit(a, options=options, key=p) for p, a in audios.items()}
@@ -172,14 +188,7 @@ def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batc
     finally:
         session.close()
     print("memory after the session:", json.dumps(memory_view()), flush=True)
-    out = {}
-    for path, f in futures.items():
-        t = f.result()
-        out[path] = {
-            "text": t.text,
-            "language": t.language,
-            "words": [(w.word, w.start_s, w.end_s) for s in t.segments for w in s.words],
-        }
+    out = {path: transcript_output(f.result()) for path, f in futures.items()}
     stats = session.stats
     return out, wall, {"rows": session.batch_size, "rounds": stats.rounds, "windows": stats.windows,
                        "redecoded": stats.redecoded, "splits": stats.splits, "idle_rows": stats.idle_rows,
@@ -253,7 +262,11 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--batch-size", type=int, default=0)
     ap.add_argument("--min-region-s", type=float, default=None, help="cut files to fill idle rows, stretches of at least this (default: never)")
-    ap.add_argument("--lone", default="", help="comma-separated min-region lengths for the lone long-file runs")
+    ap.add_argument("--lone", default="", help="comma-separated min-region lengths for the lone runs")
+    ap.add_argument("--lone-repeat", type=int, default=3, help="engine runs per lone long file and length (the median wall is reported)")
+    ap.add_argument("--lone-words", default="off,on", help="word timestamps in the lone runs: off, on or off,on")
+    ap.add_argument("--lone-sets", default="", help="comma-separated sets whose files run alone (default: the long files whole)")
+    ap.add_argument("--sets", default="", help="comma-separated set names: only their files (e.g. mix-whole,read2-whole,lj-whole)")
     ap.add_argument("--limit-files", type=int, default=0, help="only the first N files (a quick look)")
     ap.add_argument("--sequential-from", "--reuse", dest="reuse", default="",
                     help="comma-separated --json-out files of earlier runs (or shards): their methods are not run again")
@@ -272,6 +285,11 @@ def main() -> None:
     if not loaded.is_multilingual:
         manifest["files"] = [f for f in manifest["files"] if f["language"] == "en"]
         manifest["sets"] = {k: s for k, s in manifest["sets"].items() if s["language"] == "en"}
+    if args.sets:
+        keep = set(args.sets.split(","))
+        manifest["sets"] = {k: s for k, s in manifest["sets"].items() if k in keep}
+        wanted = {p for s in manifest["sets"].values() for p in s["files"]}
+        manifest["files"] = [f for f in manifest["files"] if f["path"] in wanted]
     files = manifest["files"][: args.limit_files or None]
     if args.shard:
         i, n = (int(x) for x in args.shard.split("/"))
@@ -377,32 +395,50 @@ def merge_outputs(results: dict, outputs: dict, earlier: dict, name: str) -> Non
 
 
 def lone_runs(args, manifest: dict, audios: dict, outputs: dict, lengths: list[float]) -> list[dict]:
-    """Each English long file alone: the engine cuts it to fill idle rows, never below min_region_s."""
+    """Each file of the lone sets alone in a session: the engine cuts it to fill idle rows, never
+    below min_region_s. A long file whole is timed (median of --lone-repeat runs) against
+    sequential on it; a set of pieces (each alone) gives WER over many cut placements, as a
+    measure of what cutting costs that one file cannot give."""
+    names = args.lone_sets.split(",") if args.lone_sets else ["mix-whole", "read2-whole", "lj-whole"]
     rows = []
-    for name in ("mix-whole", "read2-whole"):
-        [path] = manifest["sets"][name]["files"]
-        one = {path: audios[path]}
-        seconds = len(audios[path]) / SAMPLE_RATE
-        for words in (False, True):
-            seq = outputs.get("seq-words" if words else "seq")
-            if seq is not None:
-                seq_wer = set_wer(manifest, {path: seq[path]["text"]}, [name])[0]
-            for min_region_s in lengths:
-                walls, out = [], None
-                for _ in range(3):
-                    out, wall, extra = run_engine(one, args.model, words, args.batch_size, min_region_s)
-                    walls.append(wall)
-                wall = statistics.median(walls)
-                row = {"file": name, "words": words, "min_region_s": min_region_s, "x_real_time": round(seconds / wall, 1),
-                       "wer": round(100 * set_wer(manifest, {path: out[path]["text"]}, [name])[0], 2), **extra}
-                if seq is not None:
-                    row["sequential_wer"] = round(100 * seq_wer, 2)
-                    row["sequential_x_real_time"] = round(seconds / seq[path]["wall_s"], 1)
-                    row["speedup"] = round(seq[path]["wall_s"] / wall, 2)
-                    if words:
-                        row["word_starts_vs_sequential"] = word_starts(seq, out, [path])
-                rows.append(row)
-                print("lone", json.dumps(row), flush=True)
+    for words in [m == "on" for m in args.lone_words.split(",")]:
+        seq = outputs.get("seq-words" if words else "seq")
+        for min_region_s in lengths:
+            session = new_session(args.model, args.batch_size, min_region_s)
+            try:
+                for name in [k for k in names if k in manifest["sets"]]:
+                    paths = manifest["sets"][name]["files"]
+                    repeat = args.lone_repeat if len(paths) == 1 else 1
+                    out, wall, splits, rounds = {}, 0.0, 0, 0
+                    for path in paths:
+                        walls = []
+                        for _ in range(repeat):
+                            before = (session.stats.splits, session.stats.rounds)
+                            t0 = time.perf_counter()
+                            t = session.submit(audios[path], options=session_options(words), key=path)
+                            session.run_until_done([t])
+                            walls.append(time.perf_counter() - t0)
+                            out[path] = transcript_output(t.result())
+                        splits += session.stats.splits - before[0]
+                        rounds += session.stats.rounds - before[1]
+                        wall += statistics.median(walls)
+                    seconds = sum(len(audios[p]) for p in paths) / SAMPLE_RATE
+                    row = {"set": name, "files": len(paths), "words": words, "min_region_s": min_region_s,
+                           "x_real_time": round(seconds / wall, 1), "wall_s": round(wall, 3), "splits": splits,
+                           "rounds": rounds, "wer": round(100 * set_wer(manifest, {p: o["text"] for p, o in out.items()}, [name])[0], 2)}
+                    if seq is not None and all(p in seq for p in paths):
+                        seq_wall = sum(seq[p]["wall_s"] for p in paths)
+                        row["sequential_wer"] = round(100 * set_wer(manifest, {p: seq[p]["text"] for p in paths}, [name])[0], 2)
+                        row["sequential_x_real_time"] = round(seconds / seq_wall, 1)
+                        row["speedup"] = round(seq_wall / wall, 2)
+                        row["exactness"] = exactness(manifest, out, {p: seq[p] for p in paths})
+                        if words:
+                            row["word_starts_vs_sequential"] = word_starts(seq, out, paths)
+                    row["texts"] = {p: o["text"] for p, o in out.items()}
+                    rows.append(row)
+                    print("lone", json.dumps({k: v for k, v in row.items() if k != "texts"}), flush=True)
+            finally:
+                session.close()
     return rows
 
 

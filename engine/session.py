@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 # (H100, base float16, each English long file alone, WER against sequential's 7.42 / 8.15 %,
 # words on 7.63 / 7.72 %; README "A lone long file"): 30 s +0.14 / +1.95 (on +0.00 / +2.89),
 # 45 s +0.35 / +0.08, 90 s +0.70 / +0.51, 120 s -0.21 / +0.34 (on 0.00 / +1.28), 180 s -0.14 /
-# +0.08 (on +0.07 / +0.34): no length keeps both files within +0.3, so by default a file is never
-# cut and every transcript is sequential Whisper's. ARCHIVE_ASR_MIN_REGION_S turns cutting on.
+# +0.08 (on +0.07 / +0.34); one-window stretches (2026-12-07) of 15 / 18 / 20 / 22 s: read2
+# +1.27 / +0.93 / +1.27 / +1.27 (on +2.89 / +1.02 / +1.53 / +1.53), and as much on its pieces. No
+# length keeps both files within +0.3, so by default a file is never cut and every transcript is
+# sequential Whisper's. ARCHIVE_ASR_MIN_REGION_S turns cutting on.
 MIN_REGION_S: float | None = None
 QUIET_SPAN_FRAMES = 30  # 0.3 s: a cut point's quietness is the mean level around it
 CUT_SEARCH_S = 5.0  # a cut is searched this far either side of the middle of what remains
@@ -581,8 +583,9 @@ def pick_row_to_split(rows: list[Row], min_frames: int) -> Row | None:
 
 def split_row(row: Row, prompt: list[int], min_frames: int, parts: int) -> list[Row]:
     """Cut the row's remaining audio into up to ``parts`` stretches of at least min_frames, each
-    cut at the quietest 0.3 s near its even place. The row keeps the first stretch; the new rows
-    (no previous text, as at a file's start) take the others."""
+    cut at the quietest 0.3 s near its even place (and where the plan allows it, within one
+    window of the cut before). The row keeps the first stretch; the new rows (no previous text,
+    as at a file's start) take the others."""
     n = int(min(parts, row.remaining // (min_frames * CUT_SLACK)))
     if n < 2:
         return []
@@ -594,7 +597,10 @@ def split_row(row: Row, prompt: list[int], min_frames: int, parts: int) -> list[
     for k in range(1, n):
         planned = int(row.seek + k * step)
         lo = max(cuts[-1] + min_frames, planned - search)  # every stretch at least min_frames long
-        hi = max(lo + 1, min(row.end_frame - (n - k) * min_frames, planned + search))
+        hi = min(row.end_frame - (n - k) * min_frames, planned + search)
+        if step <= N_FRAMES:  # stretches that can fit one window do: a stretch of 31 s costs a second round
+            hi = min(hi, cuts[-1] + N_FRAMES)
+        hi = max(lo + 1, hi)
         cuts.append(lo + int(np.argmin(smooth[lo:hi])))
     bounds = cuts + [row.end_frame]
     new = [

@@ -244,3 +244,32 @@ def test_a_warmed_up_session_has_compiled_every_decoding_step(data_dir, shared_a
     # the round used what the warm-up compiled: no second specialisation
     assert len(words._dtw_batch.signatures) == 1, words._dtw_batch.signatures
 
+
+def test_a_lone_file_is_cut_into_stretches_that_fit_one_window_each(shared_audio):
+    """Cut to fill idle rows with stretches of at least 20 s, a 10-minute file becomes stretches of
+    20 to 30 s: each fits one window, so the file takes one round (and one for what a window
+    leaves), where stretches of 31 s took two full rounds."""
+    from concurrent.futures import Future
+
+    from mlx_whisper.audio import FRAMES_PER_SECOND, N_FRAMES
+
+    from engine.audio import load_audio
+    from engine.mel import file_mel
+    from engine.options import EngineOptions
+    from engine.rows import FileState, Row
+    from engine.session import split_row
+
+    audio = load_audio(shared_audio / "longform" / "english_read_mix_concat.flac")
+    mel = file_mel([audio])
+    state = FileState(key="mix", options=EngineOptions(), future=Future(), mel=mel)
+    row = Row(state, 0, mel.content_frames, 0, [])
+    min_frames = 20 * FRAMES_PER_SECOND
+    new = split_row(row, [], min_frames, parts=64)
+    stretches = [(row.start_frame, row.end_frame)] + [(r.start_frame, r.end_frame) for r in new]
+    assert len(stretches) >= 20
+    assert stretches[0][0] == 0 and stretches[-1][1] == mel.content_frames
+    assert all(a[1] == b[0] for a, b in zip(stretches, stretches[1:]))  # no gap, no overlap
+    lengths = [b - a for a, b in stretches]
+    assert min(lengths) >= min_frames
+    assert max(lengths) <= N_FRAMES
+    assert all(r.prompt == [] and r.seek == r.start_frame for r in new)

@@ -4,7 +4,9 @@
 #   archive: builds the archive (3.2 h, 91 files), then bench_archive.py: sequential mlx-whisper
 #            file by file vs the engine in archive mode, words off and on, and each long file alone
 #   engine:  the engine's two methods only, sequential's outputs reused from an earlier archive run
-#   lone:    each English long file alone (--lone lengths), the archive run's sequential outputs reused
+#   lone:    each English long file alone and each piece of LONE_TILINGS (default 3) tilings alone, cut at
+#            the LONE lengths (default 12,15,18,20,22; LONE_WORDS off,on), against sequential mlx-whisper
+#            on the same files (SEQUENTIAL: an earlier gpu_lone.json's, not run again)
 #   run:     bench_run.py: `archive-asr run` end to end on the same archive (SQLite, embedded Valkey)
 #   prepare: install and build the archive, nothing else (before modes run side by side, one per GPU)
 #   e2e:     on the fleet's archive (built by `fleet`, state in /tmp/fleet), GPU 0 only: the engine alone
@@ -90,7 +92,7 @@ engine_shard() {  # the engine alone on a shard of the fleet's archive: $1 GPU, 
 }
 burn() { ${2:+taskset -c $2} python3 benchmarks/host_cpu_probe.py --burn "$1" ${3:-} --seconds 600 & burner=$!; }  # $1 processes, $2 CPUs or "", $3 --memory
 unburn() { kill $burner; wait $burner 2>/dev/null || true; }
-if [ "$mode" != fleet ] && [ "$mode" != hostshare ] && [ "$mode" != e2e ] && [ "$mode" != plan ] && [ "$mode" != fleetrun ] && [ "$mode" != d1 ] && [ "$mode" != d2 ] && [ "$mode" != d3 ]; then  # the fleet drill builds its own, larger archive
+if [ "$mode" != fleet ] && [ "$mode" != lone ] && [ "$mode" != hostshare ] && [ "$mode" != e2e ] && [ "$mode" != plan ] && [ "$mode" != fleetrun ] && [ "$mode" != d1 ] && [ "$mode" != d2 ] && [ "$mode" != d3 ]; then  # the fleet drill builds its own, larger archive
   [ -f $archive/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $archive --tilings ${TILINGS:-9}
 fi
 case "$mode" in
@@ -105,10 +107,14 @@ case "$mode" in
       --json-out "$out/gpu_archive.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu_archive.log"
     cp "$out/gpu_archive.json" /tmp/gpu_archive.json
     ;;
-  lone)  # each long file alone, sequential reused from the archive run
-    python3 benchmarks/bench_archive.py --archive $archive --model base --methods seq,seq-words \
-      --sequential-from /tmp/gpu_archive.json --lone ${LONE:-30,45,60,90} \
-      --json-out "$out/gpu_lone.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu_lone.log"
+  lone)  # each long file alone, and each piece of LONE_TILINGS tilings alone: sequential on them, then the cut lengths LONE
+    [ -f /tmp/lonearch/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out /tmp/lonearch \
+      --tilings ${LONE_TILINGS:-3} --english-only > /dev/null
+    sets=mix-whole,read2-whole,lj-whole$(for k in $(seq 0 $((${LONE_TILINGS:-3} - 1))); do printf ,mix-pieces-$k,read2-pieces-$k; done)
+    python3 benchmarks/bench_archive.py --archive /tmp/lonearch --model base --methods seq,seq-words --sets $sets \
+      ${SEQUENTIAL:+--sequential-from $SEQUENTIAL} \
+      --lone ${LONE:-12,15,18,20,22} --lone-words ${LONE_WORDS:-off,on} --lone-sets $sets --json-out "$out/gpu_lone.json" 2>&1 \
+      | grep --line-buffered -v '^INFO\|^memory' | tee "$out/gpu_lone.log" | cut -c1-600
     ;;
   run)
     python3 benchmarks/bench_run.py --archive $archive --model base --compare "${COMPARE:-/tmp/gpu_archive.json}" \
