@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 from bench_engine import drop_models, write_weights_folder  # noqa: E402
 from compare_words import pair_words  # noqa: E402
 from engine.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from engine.options import EngineOptions  # noqa: E402
 
 METHODS = ("seq", "seq-words", "engine", "engine-words")
 NO_SPACE = {"zh", "ja", "ko", "th"}  # scored by characters
@@ -166,12 +167,6 @@ def new_session(model_name: str, batch_size: int, min_region_s: float | None):
     return session
 
 
-def session_options(words: bool):
-    from engine.options import EngineOptions
-
-    return EngineOptions(word_timestamps=words)
-
-
 def transcript_output(t) -> dict:
     return {"text": t.text, "language": t.language, "words": [(w.word, w.start_s, w.end_s) for s in t.segments for w in s.words]}
 
@@ -179,7 +174,7 @@ def transcript_output(t) -> dict:
 def run_engine(audios: dict[str, np.ndarray], model_name: str, words: bool, batch_size: int, min_region_s: float | None):
     print("memory before the session:", json.dumps(memory_view()), flush=True)
     session = new_session(model_name, batch_size, min_region_s)
-    options = session_options(words)
+    options = EngineOptions(word_timestamps=words)
     try:
         t0 = time.perf_counter()
         futures = {p: session.submit(a, options=options, key=p) for p, a in audios.items()}
@@ -403,6 +398,7 @@ def lone_runs(args, manifest: dict, audios: dict, outputs: dict, lengths: list[f
     rows = []
     for words in [m == "on" for m in args.lone_words.split(",")]:
         seq = outputs.get("seq-words" if words else "seq")
+        options = EngineOptions(word_timestamps=words)
         for min_region_s in lengths:
             session = new_session(args.model, args.batch_size, min_region_s)
             try:
@@ -412,10 +408,10 @@ def lone_runs(args, manifest: dict, audios: dict, outputs: dict, lengths: list[f
                     out, wall, splits, rounds = {}, 0.0, 0, 0
                     for path in paths:
                         walls = []
-                        for _ in range(repeat):
+                        for _ in range(repeat):  # splits and rounds: the last run's (every run cuts alike)
                             before = (session.stats.splits, session.stats.rounds)
                             t0 = time.perf_counter()
-                            t = session.submit(audios[path], options=session_options(words), key=path)
+                            t = session.submit(audios[path], options=options, key=path)
                             session.run_until_done([t])
                             walls.append(time.perf_counter() - t0)
                             out[path] = transcript_output(t.result())
