@@ -51,7 +51,7 @@ def main() -> None:
     audio = load_audio(args.audio)
     mel = file_mel([audio], loaded.dims.n_mels)
     n_windows = max(1, mel.content_frames // N_FRAMES)
-    windows = [mx.array(mel.window((i % n_windows) * N_FRAMES, N_FRAMES)[0]) for i in range(max(batches))]
+    windows = [mx.array(mel.window((i % n_windows) * N_FRAMES, mel.content_frames)[0]) for i in range(max(batches))]
     sot = list(loaded.tokenizer().sot_sequence)
 
     def once(n: int) -> tuple[float, float]:

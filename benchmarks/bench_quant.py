@@ -5,9 +5,10 @@
     .venv/bin/python benchmarks/bench_quant.py --models tiny.en --archive /tmp/qarch --json-out quant.json
 
 For each model of ``--models`` and each variant of ``--variants`` (full, 8, 4, or bits and a
-group size other than the default: 8-g128; a missing ``MODEL-q8``/``MODEL-q4``/``MODEL-q8-g128``
-is quantised into the model store first, as `archive-asr models quantize` does), with word
-timestamps on, through the engine (engine.transcribe / engine.session):
+group size other than the default: 8-g128, and the encoder's own: 8-e32; a missing
+``MODEL-q8``/``MODEL-q4``/``MODEL-q8-g128``/``MODEL-q8-e32`` is quantised into the model store
+first, as `archive-asr models quantize` does), with word timestamps on, through the engine
+(engine.transcribe / engine.session):
 
 - each long file of ``--long-files`` alone: WER (Whisper's English normaliser, via
   bench_archive.errors), x real time (after a 40 s warm-up), MLX peak memory at the automatic batch;
@@ -63,14 +64,16 @@ SPEED_ONLY = "speed and memory only, no WER (random weights)"
 
 
 def variant_model(model: str, variant: str) -> str:
-    """The store name of a variant ("full", "8", "4", "8-g128": bits and a group size), quantising
-    it into the store if missing."""
+    """The store name of a variant ("full", "8", "4", "8-g128": bits and a group size, "8-e32": the
+    encoder's own group size), quantising it into the store if missing."""
     if variant == "full":
         return model
     from engine.quantize import Quantization, quantize_model
+    from engine.variants import DEFAULT_GROUP_SIZE
 
+    variant, _, encoder = variant.partition("-e")
     bits, _, group_size = variant.partition("-g")
-    quantization = Quantization(int(bits), int(group_size)) if group_size else Quantization(int(bits))
+    quantization = Quantization(int(bits), int(group_size or DEFAULT_GROUP_SIZE), int(encoder) if encoder else None)
     dest, made = quantize_model(model, quantization)
     if made:
         print(f"quantised {model} -> {dest.name}", flush=True)
@@ -250,7 +253,7 @@ def table(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny.en,base", help="comma-separated models at full precision")
-    ap.add_argument("--variants", default="full,8,4", help="comma-separated: full, 8, 4, or bits and a group size (8-g128)")
+    ap.add_argument("--variants", default="full,8,4", help="comma-separated: full, 8, 4, or bits and a group size (8-g128), the encoder's own (8-e32)")
     ap.add_argument("--shared", type=Path, default=SHARED, help="the shared audio folder (long files, turbo audio)")
     ap.add_argument("--long-files", default=",".join(LONG_NAMES), help="comma-separated, under --shared or absolute; '' = none")
     ap.add_argument("--min-region-s", type=float, default=None, help="cut a lone long file into stretches of at least this (default: never)")

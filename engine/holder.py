@@ -104,16 +104,24 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> tuple[Whisper, ModelDimens
         raise ModelError(f"{weight_file}: unreadable weights ({e})") from e
     model = Whisper(dims, dtype)
     if quantization is not None:
-        # as mlx_whisper.load_models does: quantize the layers the file has scales for
-        nn.quantize(
-            model,
-            **quantization,
-            class_predicate=lambda p, m: isinstance(m, (nn.Linear, nn.Embedding)) and f"{p}.scales" in weights,
-        )
+        # as mlx_whisper.load_models does: quantize the layers the file has scales for; a layer
+        # with its own settings (mlx-lm's convention: config's quantization[path]) gets them
+        def predicate(p: str, m) -> bool | dict:
+            if not (isinstance(m, (nn.Linear, nn.Embedding)) and f"{p}.scales" in weights):
+                return False
+            own = quantization.get(p)
+            return own if isinstance(own, dict) else True
+
+        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"], class_predicate=predicate)
         expected = dict(tree_flatten(model.parameters()))
         missing = sorted(set(expected) - set(weights) - {"alignment_heads"})
         if missing:
             raise ModelError(f"{weight_file}: missing weights {', '.join(missing[:5])}")
+        wrong = sorted(k for k, v in expected.items()
+                       if k in weights and k != "alignment_heads" and weights[k].shape != v.shape)
+        if wrong:  # a group size or width config.json does not state
+            raise ModelError(f"{weight_file}: {wrong[0]} is {weights[wrong[0]].shape}, its config says "
+                             f"{expected[wrong[0]].shape}")
         if mx.default_device() == mx.cpu:  # MLX's CPU quantized_matmul is slow for many rows
             from engine.cpu_quantized import use_cpu_layers
 

@@ -200,16 +200,23 @@ def weights_bytes(dims, dtype_bytes: int, quantization: dict | None = None) -> i
 
     Quantised (``{"bits", "group_size"}``, as in config.json): the Linear layers and the token
     embedding hold ``bits`` per weight plus a scale and a bias per group, both in the float dtype
-    (engine.holder casts them); convolutions and the positional embedding stay float.
+    (engine.holder casts them); convolutions and the positional embedding stay float. The encoder's
+    layers may have a group size of their own (config's per-layer entries, ``encoder.*``).
     """
     a, t = dims.n_audio_state, dims.n_text_state
     kept = dims.n_mels * a * 3 + a * a * 3 + dims.n_text_ctx * t  # convolutions, positional embedding
-    linear = dims.n_audio_layer * 12 * a * a + dims.n_text_layer * 16 * t * t + dims.n_vocab * t
+    encoder = dims.n_audio_layer * 12 * a * a
+    decoder = dims.n_text_layer * 16 * t * t + dims.n_vocab * t
     if not quantization:
-        return (kept + linear) * dtype_bytes
+        return (kept + encoder + decoder) * dtype_bytes
     bits, group_size = int(quantization["bits"]), int(quantization["group_size"])
-    packed = linear * bits // 8 + 2 * (linear // group_size) * dtype_bytes
-    return kept * dtype_bytes + packed
+    own = [v for k, v in quantization.items() if k.startswith("encoder.") and isinstance(v, dict)]
+    encoder_group = int(own[0]["group_size"]) if own else int(quantization.get("encoder_group_size", group_size))
+
+    def packed(weights: int, group: int) -> int:
+        return weights * bits // 8 + 2 * (weights // group) * dtype_bytes
+
+    return kept * dtype_bytes + packed(encoder, encoder_group) + packed(decoder, group_size)
 
 
 def log_plan(plan: BatchPlan) -> None:

@@ -8,7 +8,9 @@ The folder written is what mlx-whisper's own quantised conversions look like (ml
 
 What is quantised: every Linear layer and the token embedding (which is also the output
 projection), as ``mlx.nn.quantize`` does by default; convolutions, layer norms and the
-positional embedding stay in the source's precision (they are under 2 % of the weights).
+positional embedding stay in the source's precision (they are under 2 % of the weights). The
+encoder's layers may have a group size of their own (``--encoder-group-size``): config.json then
+lists each of them under its path, as mlx-lm does, which mlx-whisper's own loader cannot read.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from engine.variants import BITS_CHOICES, GROUP_SIZE_CHOICES, Quantization, sour
 def check_quantization(quantization: Quantization) -> None:
     if quantization.bits not in BITS_CHOICES:
         raise ModelError(f"--bits {quantization.bits}: use one of {', '.join(map(str, BITS_CHOICES))}")
-    if quantization.group_size not in GROUP_SIZE_CHOICES:
-        raise ModelError(f"--group-size {quantization.group_size}: use one of {', '.join(map(str, GROUP_SIZE_CHOICES))}")
+    for option, size in (("--group-size", quantization.group_size), ("--encoder-group-size", quantization.encoder_group_size)):
+        if size is not None and size not in GROUP_SIZE_CHOICES:
+            raise ModelError(f"{option} {size}: use one of {', '.join(map(str, GROUP_SIZE_CHOICES))}")
 
 
 def quantize_model(source: str, quantization: Quantization, name: str | None = None) -> tuple[Path, bool]:
@@ -66,21 +69,22 @@ def quantize_model(source: str, quantization: Quantization, name: str | None = N
     return dest, True
 
 
-def quantize_in_place(model, quantization: Quantization) -> int:
-    """Quantise a Whisper model's Linear layers and token embedding in place; return how many."""
+def quantize_in_place(model, quantization: Quantization) -> list[str]:
+    """Quantise a Whisper model's Linear layers and token embedding in place; return their paths."""
     import mlx.nn as nn
 
     layers = []
 
-    def quantizable(path: str, module) -> bool:
+    def quantizable(path: str, module) -> bool | dict:
         # a layer whose rows do not split into whole groups stays as it is (none in Whisper's sizes)
-        ok = isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[-1] % quantization.group_size == 0
-        if ok:
-            layers.append(path)
-        return ok
+        settings = quantization.layer_config(path)
+        if not (isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[-1] % settings["group_size"] == 0):
+            return False
+        layers.append(path)
+        return settings
 
     nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits, class_predicate=quantizable)
-    return len(layers)
+    return layers
 
 
 def _write(folder: Path, dest: Path, *, name: str, source: str, quantization: Quantization) -> None:
@@ -98,7 +102,7 @@ def _write(folder: Path, dest: Path, *, name: str, source: str, quantization: Qu
     model, dims, _ = load_mlx_folder(folder, dtype)
     if source_meta.get("alignment_heads"):
         model.set_alignment_heads(np.asarray(source_meta["alignment_heads"], dtype=np.int64))
-    n_layers = quantize_in_place(model, quantization)
+    layers = quantize_in_place(model, quantization)
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
     meta = {
@@ -109,7 +113,7 @@ def _write(folder: Path, dest: Path, *, name: str, source: str, quantization: Qu
         "source_sha256": source_meta.get("source_sha256"),
         "source_dtype": str(dtype).removeprefix("mlx.core."),
         "quantization": quantization.as_config(),
-        "quantized_layers": n_layers,
+        "quantized_layers": len(layers),
         "alignment_heads": np.array(model.alignment_heads).tolist(),
         "alignment_heads_from_config": source_meta.get("alignment_heads_from_config"),
         "quantized_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -119,8 +123,20 @@ def _write(folder: Path, dest: Path, *, name: str, source: str, quantization: Qu
         staged = tmp / "model"
         write_mlx_folder(staged, weights, dims, meta)
         config_path = staged / CONFIG_FILE
-        config = json.loads(config_path.read_text()) | {"quantization": quantization.as_config()}
+        config = json.loads(config_path.read_text()) | {"quantization": config_quantization(quantization, layers)}
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         os.rename(staged, dest)  # the folder appears complete or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def config_quantization(quantization: Quantization, layers: list[str]) -> dict:
+    """config.json's ``quantization``: mlx-whisper's ``{"group_size", "bits"}``, and where a layer's
+    differ, its own entry under its path (mlx-lm's convention; mlx-whisper's loader reads only
+    the uniform kind, engine.holder both)."""
+    config = {"group_size": quantization.group_size, "bits": quantization.bits}
+    for path in layers:
+        own = quantization.layer_config(path)
+        if own["group_size"] != quantization.group_size:
+            config[path] = own
+    return config

@@ -86,6 +86,45 @@ def test_quantize_writes_lists_and_refuses_mistakes(own_models_dir: Path) -> Non
     assert runner.invoke(main, ["models", "quantize", "tiny.en", "--bits", "3"]).exit_code == 2
 
 
+def test_the_encoder_may_have_a_group_size_of_its_own(own_models_dir: Path, shared_audio: Path) -> None:
+    import mlx.core as mx
+
+    from engine.errors import ModelError
+    from engine.holder import get_model, load_mlx_folder, release_model
+    from engine.memory import weights_bytes
+    from engine.options import EngineOptions
+    from engine.transcribe import transcribe_file
+
+    result = CliRunner().invoke(main, ["models", "quantize", "tiny.en", "--bits", "8", "--encoder-group-size", "32"])
+    assert result.exit_code == 0, result.output
+    dest = own_models_dir / "tiny.en-q8-e32"
+    config = json.loads((dest / "config.json").read_text())["quantization"]
+    assert json.loads((dest / "archive_asr.json").read_text())["quantization"] == {"group_size": 64, "bits": 8, "encoder_group_size": 32}
+    own = {path: entry for path, entry in config.items() if isinstance(entry, dict)}
+    assert own and all(path.startswith("encoder.") and entry == {"group_size": 32, "bits": 8} for path, entry in own.items())
+    assert len(own) == 4 * 6  # tiny.en's 4 encoder blocks: query, key, value, out, mlp1, mlp2
+
+    release_model()
+    gc.collect()
+    before = mx.get_active_memory()
+    loaded = get_model("tiny.en-q8-e32")
+    assert loaded.model.encoder.blocks[0].mlp1.group_size == 32
+    assert loaded.model.decoder.blocks[0].mlp1.group_size == 64 and loaded.model.decoder.token_embedding.group_size == 64
+    planned = weights_bytes(loaded.dims, loaded.dtype.size, loaded.quantization)
+    assert planned == pytest.approx(mx.get_active_memory() - before, rel=0.05)
+    uniform = weights_bytes(loaded.dims, loaded.dtype.size, {"bits": 8, "group_size": 64})
+    assert uniform < planned < weights_bytes(loaded.dims, loaded.dtype.size, {"bits": 8, "group_size": 32})
+    t = transcribe_file(shared_audio / "en" / "jfk.flac", model_name="tiny.en-q8-e32", options=EngineOptions())
+    assert JFK in _words(t.text)
+    release_model()
+
+    # a config that does not say which layers have their own groups: refused by name, not garbage
+    (dest / "config.json").write_text(json.dumps(json.loads((dest / "config.json").read_text())
+                                                 | {"quantization": {"group_size": 64, "bits": 8}}))
+    with pytest.raises(ModelError, match=r"encoder\.blocks\.0\.\S+ is \(384, 12\), its config says \(384, 6\)"):
+        load_mlx_folder(dest, mx.float32)
+
+
 def test_quantised_weights_take_their_planned_size_and_free_rows(shared_cache: Path) -> None:
     import mlx.core as mx
 

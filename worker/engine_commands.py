@@ -136,8 +136,10 @@ def list_command(as_json: bool) -> None:
 @click.option("--bits", type=click.Choice(["8", "4"]), required=True, help="Bits per weight: 8 (about half the weights of float16) or 4 (under a third; costs over a WER point, README).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               help="Weights sharing one scale and bias; smaller is more accurate and a little larger.")
+@click.option("--encoder-group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="The encoder's own group size (it is under a fifth of the weights; README). [default: --group-size]")
 @click.option("--name", "-n", default=None, help="Name to use with --model. [default: MODEL-q8 or MODEL-q4]")
-def quantize_command(model: str, bits: str, group_size: str, name: str | None) -> None:
+def quantize_command(model: str, bits: str, group_size: str, encoder_group_size: str | None, name: str | None) -> None:
     """Write a quantised copy of MODEL (e.g. base -> base-q4) into the models folder."""
     import engine  # noqa: F401  (OpenBLAS before MLX)
     from engine.errors import ModelError
@@ -145,7 +147,8 @@ def quantize_command(model: str, bits: str, group_size: str, name: str | None) -
     from engine.quantize import Quantization, quantize_model
 
     try:
-        dest, made = quantize_model(model, Quantization(int(bits), int(group_size)), name)
+        quantization = Quantization(int(bits), int(group_size), int(encoder_group_size) if encoder_group_size else None)
+        dest, made = quantize_model(model, quantization, name)
     except ModelError as e:
         raise click.ClickException(str(e)) from e
     verb = "quantised" if made else "already there:"
