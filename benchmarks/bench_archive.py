@@ -389,12 +389,33 @@ def merge_outputs(results: dict, outputs: dict, earlier: dict, name: str) -> Non
         row.pop("wer", None)
 
 
+def lone_set(session, audios: dict, paths: list[str], options, repeat: int) -> tuple[dict, float, int, int]:
+    """Each file of a set alone in the session, one after another: (outputs, wall, splits, rounds).
+    A file's wall is the median of ``repeat`` runs; its splits and rounds are the last run's
+    (every run cuts alike)."""
+    out, wall, splits, rounds = {}, 0.0, 0, 0
+    for path in paths:
+        walls = []
+        for _ in range(repeat):
+            before = (session.stats.splits, session.stats.rounds)
+            t0 = time.perf_counter()
+            t = session.submit(audios[path], options=options, key=path)
+            session.run_until_done([t])
+            walls.append(time.perf_counter() - t0)
+            out[path] = transcript_output(t.result())
+        splits += session.stats.splits - before[0]
+        rounds += session.stats.rounds - before[1]
+        wall += statistics.median(walls)
+    return out, wall, splits, rounds
+
+
 def lone_runs(args, manifest: dict, audios: dict, outputs: dict, lengths: list[float]) -> list[dict]:
     """Each file of the lone sets alone in a session: the engine cuts it to fill idle rows, never
     below min_region_s. A long file whole is timed (median of --lone-repeat runs) against
     sequential on it; a set of pieces (each alone) gives WER over many cut placements, as a
     measure of what cutting costs that one file cannot give."""
     names = args.lone_sets.split(",") if args.lone_sets else ["mix-whole", "read2-whole", "lj-whole"]
+    names = [k for k in names if k in manifest["sets"]]
     rows = []
     for words in [m == "on" for m in args.lone_words.split(",")]:
         seq = outputs.get("seq-words" if words else "seq")
@@ -402,22 +423,10 @@ def lone_runs(args, manifest: dict, audios: dict, outputs: dict, lengths: list[f
         for min_region_s in lengths:
             session = new_session(args.model, args.batch_size, min_region_s)
             try:
-                for name in [k for k in names if k in manifest["sets"]]:
+                for name in names:
                     paths = manifest["sets"][name]["files"]
                     repeat = args.lone_repeat if len(paths) == 1 else 1
-                    out, wall, splits, rounds = {}, 0.0, 0, 0
-                    for path in paths:
-                        walls = []
-                        for _ in range(repeat):  # splits and rounds: the last run's (every run cuts alike)
-                            before = (session.stats.splits, session.stats.rounds)
-                            t0 = time.perf_counter()
-                            t = session.submit(audios[path], options=options, key=path)
-                            session.run_until_done([t])
-                            walls.append(time.perf_counter() - t0)
-                            out[path] = transcript_output(t.result())
-                        splits += session.stats.splits - before[0]
-                        rounds += session.stats.rounds - before[1]
-                        wall += statistics.median(walls)
+                    out, wall, splits, rounds = lone_set(session, audios, paths, options, repeat)
                     seconds = sum(len(audios[p]) for p in paths) / SAMPLE_RATE
                     row = {"set": name, "files": len(paths), "words": words, "min_region_s": min_region_s,
                            "x_real_time": round(seconds / wall, 1), "wall_s": round(wall, 3), "splits": splits,

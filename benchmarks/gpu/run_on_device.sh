@@ -92,9 +92,10 @@ engine_shard() {  # the engine alone on a shard of the fleet's archive: $1 GPU, 
 }
 burn() { ${2:+taskset -c $2} python3 benchmarks/host_cpu_probe.py --burn "$1" ${3:-} --seconds 600 & burner=$!; }  # $1 processes, $2 CPUs or "", $3 --memory
 unburn() { kill $burner; wait $burner 2>/dev/null || true; }
-if [ "$mode" != fleet ] && [ "$mode" != lone ] && [ "$mode" != hostshare ] && [ "$mode" != e2e ] && [ "$mode" != plan ] && [ "$mode" != fleetrun ] && [ "$mode" != d1 ] && [ "$mode" != d2 ] && [ "$mode" != d3 ]; then  # the fleet drill builds its own, larger archive
-  [ -f $archive/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $archive --tilings ${TILINGS:-9}
-fi
+case "$mode" in  # these build their own archives (the fleet drill's, larger; lone's); the others share /tmp/archive
+  fleet|lone|hostshare|e2e|plan|fleetrun|d1|d2|d3) ;;
+  *) [ -f $archive/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $archive --tilings ${TILINGS:-9} ;;
+esac
 case "$mode" in
   archive)
     python3 benchmarks/bench_archive.py --archive $archive --model base \
