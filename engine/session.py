@@ -18,6 +18,7 @@ mlx-lm's BatchGenerator and vLLM's LLMEngine are the model: callers only submit 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -50,17 +51,22 @@ log = logging.getLogger(__name__)
 # A file is cut to fill idle rows only into stretches at least this long (seconds); None: never.
 # Each cut starts a stretch with no previous text, the one place where a batch differs from
 # sequential Whisper, and where the cut falls moves WER by about a point on one file. Measured
-# (H100, base float16, each English long file alone, WER against sequential's 7.42 / 8.15 %,
-# words on 7.63 / 7.72 %; README "A lone long file"): 30 s +0.14 / +1.95 (on +0.00 / +2.89),
-# 45 s +0.35 / +0.08, 90 s +0.70 / +0.51, 120 s -0.21 / +0.34 (on 0.00 / +1.28), 180 s -0.14 /
-# +0.08 (on +0.07 / +0.34); one-window stretches (2026-12-07) of 15 / 18 / 20 / 22 s: read2
-# +1.27 / +0.93 / +1.27 / +1.27 (on +2.89 / +1.02 / +1.53 / +1.53), and as much on its pieces. No
-# length keeps both files within +0.3, so by default a file is never cut and every transcript is
+# (H100, base float16, each English long file alone, README "A lone long file"): stretches that
+# ended at their cuts lost 0.9 to 2.9 points on read2 at every length of 15 to 22 s (30 s: +1.95,
+# 45 s: +0.08, 180 s: +0.08, words on +0.34). Reading past the cuts (LEAD_S, 2026-12-07) kept
+# both files within +0.3 at 15 s, but read2 lost 4-5 points at 16.7 and 25 s (Whisper passing over
+# a clip; decoded again since, engine.rows.skipped_speech) and 1.1-1.6 at 16.7-25 s after that
+# (CPU). No length is shown safe, so by default a file is never cut and every transcript is
 # sequential Whisper's. ARCHIVE_ASR_MIN_REGION_S turns cutting on.
 MIN_REGION_S: float | None = None
 QUIET_SPAN_FRAMES = 30  # 0.3 s: a cut point's quietness is the mean level around it
 CUT_SEARCH_S = 5.0  # a cut is searched this far either side of the middle of what remains
 CUT_SLACK = 1.2  # stretches planned 20 % over the minimum, so each cut has room to find a quiet point
+# A cut stretch reads on this far past each of its cuts, to the quietest point between (seconds):
+# its words at the cut are decoded inside its window, not at the window's edge. Chunks of 20 s
+# read 3-8 s past gave read2 -0.26 against sequential where ending at the cuts gave +1.02 (CPU,
+# base float32, words on); a fixed 3 s began chunks mid-word, and one lost 28 s.
+LEAD_S = (3.0, 8.0)
 SPLIT_GRACE_S = 0.5  # a worker's next files may be on their way: wait this long before cutting one
 # Preparing threads at most (each with its child decoder, engine.decoders). At a worker's start a
 # whole batch of files arrives at once and the rows fill only as fast as they are prepared: on an
@@ -503,10 +509,11 @@ class Session:
         return window_pieces(r, res, size, self.loaded.tokenizer(language, r.file.options.task), self.rules.ts_begin)
 
     def _add_words(self, rows, features, results, sizes, pieces, languages) -> list[list[Piece]]:
-        """Word timestamps for every row that wants them, in one pass over the round's features."""
+        """Word timestamps for every row that wants them, and for a cut stretch's windows that reach past
+    what it keeps (engine.rows.trim goes by words), in one pass over the round's features."""
         windows, at = [], []
         for i, (r, size, ps, lang) in enumerate(zip(rows, sizes, pieces, languages)):
-            if not ps or not r.file.options.word_timestamps:
+            if not ps or not (r.file.options.word_timestamps or crosses_keep(r, size)):
                 continue
             at.append(i)
             windows.append(
@@ -585,27 +592,50 @@ def split_row(row: Row, prompt: list[int], min_frames: int, parts: int) -> list[
     """Cut the row's remaining audio into up to ``parts`` stretches of at least min_frames, each
     cut at the quietest 0.3 s near its even place (and where the plan allows it, within one
     window of the cut before). The row keeps the first stretch; the new rows (no previous text,
-    as at a file's start) take the others."""
+    as at a file's start) take the others.
+
+    Each stretch reads on past its cuts to the quietest point LEAD_S away on either side and
+    keeps only the words whose middle lies between its cuts (Row.keep). The words at a cut are so
+    decoded with the audio around them, as in sequential Whisper's windows, not at a window's
+    edge: at the edge a stretch began on a word with no context, or ended on zeros."""
     n = int(min(parts, row.remaining // (min_frames * CUT_SLACK)))
     if n < 2:
         return []
-    energy = row.file.mel.energy
-    smooth = np.convolve(energy, np.ones(QUIET_SPAN_FRAMES) / QUIET_SPAN_FRAMES, mode="same")
+    smooth = np.convolve(row.file.mel.energy, np.ones(QUIET_SPAN_FRAMES) / QUIET_SPAN_FRAMES, mode="same")
     search = int(CUT_SEARCH_S * FRAMES_PER_SECOND)
     step = row.remaining / n
     cuts = [row.seek]
     for k in range(1, n):
         planned = int(row.seek + k * step)
         lo = max(cuts[-1] + min_frames, planned - search)  # every stretch at least min_frames long
-        hi = min(row.end_frame - (n - k) * min_frames, planned + search)
+        hi = min(row.stop - (n - k) * min_frames, planned + search)
         if step <= N_FRAMES:  # stretches that can fit one window do: a stretch of 31 s costs a second round
             hi = min(hi, cuts[-1] + N_FRAMES)
-        hi = max(lo + 1, hi)
-        cuts.append(lo + int(np.argmin(smooth[lo:hi])))
-    bounds = cuts + [row.end_frame]
-    new = [
-        Row(row.file, a, b, a, list(prompt), last_speech_s=a / FRAMES_PER_SECOND)
-        for a, b in zip(bounds[1:-1], bounds[2:])
-    ]
-    row.end_frame = bounds[1]
+        cuts.append(quietest(smooth, lo, max(lo + 1, hi)))
+    bounds = cuts + [row.stop]
+    lead_min, lead_max = (int(s * FRAMES_PER_SECOND) for s in LEAD_S)
+    keep_from, keep_to = row.keep or (0.0, math.inf)
+    new = []
+    for k in range(1, n):
+        a, b = bounds[k], bounds[k + 1]
+        start = quietest(smooth, max(bounds[k - 1], a - lead_max), a - lead_min)
+        end = row.end_frame if k == n - 1 else quietest(smooth, b + lead_min, min(row.end_frame, b + lead_max))
+        keep = (a / FRAMES_PER_SECOND, keep_to if k == n - 1 else b / FRAMES_PER_SECOND)
+        new.append(Row(row.file, start, end, start, list(prompt), last_speech_s=start / FRAMES_PER_SECOND, keep=keep))
+    row.end_frame = quietest(smooth, bounds[1] + lead_min, min(row.end_frame, bounds[1] + lead_max))
+    row.keep = (keep_from, bounds[1] / FRAMES_PER_SECOND)
     return new
+
+
+def quietest(smooth: np.ndarray, lo: int, hi: int) -> int:
+    """The frame in [lo, hi) where the smoothed level is lowest (lo itself if the span is empty)."""
+    lo, hi = max(0, lo), min(len(smooth), hi)
+    return lo + int(np.argmin(smooth[lo:hi])) if hi > lo else lo
+
+
+def crosses_keep(row: Row, size: int) -> bool:
+    """Whether a window of the row holds audio outside what the row keeps (engine.rows.trim)."""
+    if row.keep is None:
+        return False
+    start_s = row.seek / FRAMES_PER_SECOND
+    return start_s < row.keep[0] or start_s + size / FRAMES_PER_SECOND > row.keep[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 
@@ -245,10 +246,10 @@ def test_a_warmed_up_session_has_compiled_every_decoding_step(data_dir, shared_a
     assert len(words._dtw_batch.signatures) == 1, words._dtw_batch.signatures
 
 
-def test_a_lone_file_is_cut_into_stretches_that_fit_one_window_each(shared_audio):
-    """Cut to fill idle rows with stretches of at least 20 s, a 10-minute file becomes stretches of
-    20 to 30 s: each fits one window, so the file takes one round (and one for what a window
-    leaves), where stretches of 31 s took two full rounds."""
+def test_a_lone_file_is_cut_into_stretches_that_read_past_their_cuts(shared_audio):
+    """Cut to fill idle rows with stretches of at least 20 s, a 10-minute file becomes stretches
+    of 20 to 30 s that tile it (each word kept by exactly one), and each stretch reads 3 to 8 s
+    of audio either side of its cuts, starting and ending at quiet points."""
     from concurrent.futures import Future
 
     from mlx_whisper.audio import FRAMES_PER_SECOND, N_FRAMES
@@ -257,7 +258,7 @@ def test_a_lone_file_is_cut_into_stretches_that_fit_one_window_each(shared_audio
     from engine.mel import file_mel
     from engine.options import EngineOptions
     from engine.rows import FileState, Row
-    from engine.session import split_row
+    from engine.session import LEAD_S, split_row
 
     audio = load_audio(shared_audio / "longform" / "english_read_mix_concat.flac")
     mel = file_mel([audio])
@@ -265,11 +266,68 @@ def test_a_lone_file_is_cut_into_stretches_that_fit_one_window_each(shared_audio
     row = Row(state, 0, mel.content_frames, 0, [])
     min_frames = 20 * FRAMES_PER_SECOND
     new = split_row(row, [], min_frames, parts=64)
-    stretches = [(row.start_frame, row.end_frame)] + [(r.start_frame, r.end_frame) for r in new]
-    assert len(stretches) >= 20
-    assert stretches[0][0] == 0 and stretches[-1][1] == mel.content_frames
-    assert all(a[1] == b[0] for a, b in zip(stretches, stretches[1:]))  # no gap, no overlap
-    lengths = [b - a for a, b in stretches]
-    assert min(lengths) >= min_frames
-    assert max(lengths) <= N_FRAMES
-    assert all(r.prompt == [] and r.seek == r.start_frame for r in new)
+    rows = [row] + new
+    assert len(rows) >= 20
+    keeps = [r.keep for r in rows]
+    assert keeps[0][0] == 0 and keeps[-1][1] == math.inf
+    assert all(a[1] == b[0] for a, b in zip(keeps, keeps[1:]))  # no gap, no overlap
+    cuts = [round(k[0] * FRAMES_PER_SECOND) for k in keeps[1:]]
+    lengths = [b - a for a, b in zip([0] + cuts, cuts + [mel.content_frames])]
+    assert min(lengths) >= min_frames and max(lengths) <= N_FRAMES
+    lo, hi = (s * FRAMES_PER_SECOND for s in LEAD_S)
+    for r, cut in zip(rows[1:], cuts):  # read from before the cut, from a quiet point
+        assert lo <= cut - r.start_frame <= hi and r.seek == r.start_frame and r.prompt == []
+    for r, cut in zip(rows, cuts):  # and on past the next one
+        assert lo <= r.end_frame - cut <= hi
+    assert rows[-1].end_frame == mel.content_frames
+    level = np.convolve(mel.energy, np.ones(30) / 30, mode="same")
+    assert np.mean([level[r.start_frame] for r in new]) < np.median(level)
+
+
+def test_a_cut_stretch_keeps_only_the_words_between_its_cuts():
+    """A segment that crosses a cut is split by its words' middles: each side keeps its own words,
+    and the text is rebuilt from them; a segment without words goes by its own middle."""
+    from archive_asr.records import Segment, Word
+    from engine.rows import trim
+
+    words = (Word(10.0, 10.4, " One", 0.9), Word(10.5, 11.1, " two", 0.9), Word(11.2, 11.6, " three.", 0.9))
+    seg = Segment(10.0, 11.6, "One two three.", -0.2, 0.01, 1.2, 0.0, words)
+    before = trim(seg, " One two three.", (0.0, 11.0))
+    after = trim(seg, " One two three.", (11.0, 30.0))
+    assert before[0].text == "One two" and before[1] == " One two" and before[0].end_s == 11.1
+    assert after[0].text == "three." and after[0].start_s == 11.2 and len(after[0].words) == 1
+    assert trim(seg, " One two three.", (0.0, 30.0)) == (seg, " One two three.")
+    assert trim(seg, " One two three.", (12.0, 30.0)) is None
+    bare = Segment(10.0, 11.6, "One two three.", -0.2, 0.01, 1.2, 0.0)
+    assert trim(bare, " x", (10.0, 10.9)) is not None and trim(bare, " x", (10.9, 20.0)) is None
+
+def test_a_cut_stretch_decodes_again_where_its_window_passed_over_speech():
+    """Whisper can jump its timestamps over a whole utterance (read2: a stretch starting at 54.41 s
+    lost the 12 s clip at 61.9 s). A cut stretch seeks back to such a hole when its frames are
+    mostly loud; a quiet gap, or a hole at the window's very start (no progress), is left alone."""
+    from concurrent.futures import Future
+
+    from archive_asr.records import Segment, Word
+    from engine.mel import FileMel
+    from engine.options import EngineOptions
+    from engine.rows import FileState, Piece, Row, skipped_speech
+
+    energy = np.full(9000, -10.0, np.float32)
+    energy[6190:7430] = -3.0  # the clip the window passed over
+    energy[5480:6100] = -3.0  # the one it decoded
+    energy[7470:7780] = -3.0
+    mel = FileMel(log10=np.zeros((1, 80), np.float32), content_frames=9000, max_log10=0.0, energy=energy,
+                  flat=np.zeros(9000, bool))
+    state = FileState(key="x", options=EngineOptions(), future=Future(), mel=mel)
+    row = Row(state, 5441, 8531, 5985, [], keep=(61.58, 81.79))
+
+    def piece(start_s, end_s, text):
+        words = (Word(start_s, (start_s + end_s) / 2, " " + text, 0.9), Word((start_s + end_s) / 2, end_s, " x", 0.9))
+        return Piece(Segment(start_s, end_s, text, -0.3, 0.1, 1.2, 0.0, words), (), " " + text + " x")
+
+    decoded = [piece(59.85, 61.0, "alone."), piece(74.7, 77.7, "This I read")]
+    assert skipped_speech(row, decoded, 59.85, 81.79) == 61.58
+    energy[6190:7430] = -10.0  # the same hole, quiet
+    assert skipped_speech(row, decoded, 59.85, 81.79) is None
+    energy[6190:7430] = -3.0
+    assert skipped_speech(row, decoded[1:], 61.2, 81.79) is None  # nothing decoded before it: no progress

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Packs what the GPU benchmarks need into parts of at most 52 MiB (../shared/gpu/README.md): MLX +
+# Packs what the GPU benchmarks need into parts of at most 48 MiB (../shared/gpu/README.md): MLX +
 # its CUDA backend + mlx-whisper (make-parts.sh), the wheels archive-asr and the benchmarks import
 # that the GPU machine lacks (the whole stack: `archive-asr run` runs there end to end), the
 # multilingual base and tiny.en models converted to MLX (float16), and the audio the archive is built from.
@@ -38,9 +38,10 @@ psycopg==3.3.9 psycopg-binary==3.3.9 pgserver==0.1.4 fasteners psutil flower tor
 mkdir -p "$out" && rm -f "$out"/part*
 bash "$shared/gpu/make-parts.sh" "$out" "$stage/models" "$stage/audio"
 # A device call carries the working tree too, 64 MiB in all: make-parts.sh's 58 MiB parts and a
-# 7 MiB tree were refused. Split again in PART_MIB parts (the device joins them with `cat part*`).
+# 7 MiB tree were refused, and 52 MiB parts with the 13 MiB tree of 2026-12-07. Split again in
+# PART_MIB parts (the device joins them with `cat part*`).
 cat "$out"/part* > "$out/all.tar" && rm "$out"/part*
-split -b "${PART_MIB:-52}M" -d -a 2 "$out/all.tar" "$out/part" && rm "$out/all.tar"
+split -b "${PART_MIB:-48}M" -d -a 2 "$out/all.tar" "$out/part" && rm "$out/all.tar"
 
 # py-spy for `run_on_device.sh fleetspy` (carried beside the last part, not unpacked with the rest)
 "$python" -m pip download -q --no-deps py-spy==0.4.3 -d "$out" || echo "py-spy not fetched: fleetspy cannot sample"
