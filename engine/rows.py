@@ -102,14 +102,13 @@ class Piece:
     segment: Segment
     tokens: tuple[int, ...]
     raw: str
+    token_span: tuple[float, float] | None = None  # (start, end) s by its timestamp tokens
 
     @property
     def span(self) -> tuple[float, float]:
         """Where its own timestamp tokens place it. Word timestamps (the segment once aligned) can
         lie far outside: a garbled window's words were aligned 24 s past its timestamps."""
         return self.token_span or (self.segment.start_s, self.segment.end_s)
-
-    token_span: tuple[float, float] | None = None
 
 
 def is_silence(r: WindowResult, o: EngineOptions, size: int) -> bool:
@@ -194,7 +193,7 @@ def advance(row: Row, r: WindowResult, size: int, pieces: list[Piece], ts_begin:
             row.last_speech_s = last_end
     if row.seek <= previous:  # never loop on one spot
         row.seek = previous + size
-    keep = row.keep
+    keep, hole_s = row.keep, None
     if keep is not None:
         hole_s = skipped_speech(row, pieces, time_offset_s, min(row.seek, row.stop) / FRAMES_PER_SECOND)
         if hole_s is not None:  # decode again from where the speech was passed over
@@ -207,8 +206,8 @@ def advance(row: Row, r: WindowResult, size: int, pieces: list[Piece], ts_begin:
         seg = p.segment
         if seg.start_s == seg.end_s or not p.raw.strip():
             continue  # mlx_whisper clears such a segment: no text, no prompt tokens
-        if keep is not None and keep is not row.keep and seg.start_s >= keep[1]:
-            continue  # past a hole: decoded again in the next window
+        if hole_s is not None and p.span[0] >= hole_s:
+            continue  # past the hole: decoded again in the next window
         row.prompt.extend(p.tokens)
         if not _kept(seg, p.raw, o, audio_end_s):
             continue
@@ -284,7 +283,8 @@ def skipped_speech(row: Row, pieces: list[Piece], window_s: float, until_s: floa
     aligned past it; sequential mlx_whisper started there loses it too). Sequential Whisper keeps
     such a loss; a cut stretch, already not sequential Whisper's decoding, decodes the hole again."""
     lo, hi = max(window_s, row.keep[0]), min(until_s, row.keep[1])
-    spans = sorted((_middle(w, p.span), _middle(w, p.span)) for p in pieces for w in p.segment.words)
+    # what the window decoded: each word as a point (its middle, as trim counts it), else segments
+    spans = sorted((m, m) for p in pieces for m in (_middle(w, p.span) for w in p.segment.words))
     if not spans:
         spans = sorted((p.segment.start_s, p.segment.end_s) for p in pieces if p.raw.strip())
     cursor = lo
