@@ -52,7 +52,7 @@ class FileState:
     busy_s: float = 0.0  # its share of the device rounds it took part in
     frames_done: int = 0  # progress: frames its rows have moved past
     segments: list[tuple[Segment, str]] = field(default_factory=list)  # (kept segment, raw text)
-    _loud_level: float | None = None
+    _loud_level: float | None = field(default=None, init=False, repr=False)  # is_loud's, once
 
     def is_loud(self, from_s: float, to_s: float) -> bool:
         """Whether LOUD_SHARE of the frames in [from_s, to_s) are loud for this file."""
@@ -93,6 +93,13 @@ class Row:
     @property
     def remaining(self) -> int:
         return max(0, self.stop - self.seek)
+
+    def crosses_keep(self, size: int) -> bool:
+        """Whether its window of ``size`` frames holds audio outside what it keeps (trim needs words)."""
+        if self.keep is None:
+            return False
+        start_s = self.seek / FRAMES_PER_SECOND
+        return start_s < self.keep[0] or start_s + size / FRAMES_PER_SECOND > self.keep[1]
 
 
 @dataclass
@@ -220,16 +227,16 @@ def advance(row: Row, r: WindowResult, size: int, pieces: list[Piece], ts_begin:
             no_speech_prob=seg.no_speech_prob,
             compression_ratio=seg.compression_ratio,
             temperature=seg.temperature,
-            words=seg.words if o.word_timestamps else (),
+            words=seg.words,
         )
         raw = p.raw
         if keep is not None:
-            trimmed = trim(replace(kept, words=seg.words), raw, keep, p.span)
+            trimmed = trim(kept, raw, keep, p.span)
             if trimmed is None:
                 continue
             kept, raw = trimmed
-            if not o.word_timestamps:
-                kept = replace(kept, words=())
+        if kept.words and not o.word_timestamps:  # aligned only for trim
+            kept = replace(kept, words=())
         row.file.segments.append((kept, raw))
     row.prompt = row.prompt[-(n_text_ctx // 2 - 1) :]  # all Whisper ever reads of it
     if not o.condition_on_previous_text or r.temperature > 0.5:

@@ -513,7 +513,7 @@ class Session:
     what it keeps (engine.rows.trim goes by words), in one pass over the round's features."""
         windows, at = [], []
         for i, (r, size, ps, lang) in enumerate(zip(rows, sizes, pieces, languages)):
-            if not ps or not (r.file.options.word_timestamps or crosses_keep(r, size)):
+            if not ps or not (r.file.options.word_timestamps or r.crosses_keep(size)):
                 continue
             at.append(i)
             windows.append(
@@ -614,16 +614,16 @@ def split_row(row: Row, prompt: list[int], min_frames: int, parts: int) -> list[
         cuts.append(quietest(smooth, lo, max(lo + 1, hi)))
     bounds = cuts + [row.stop]
     lead_min, lead_max = (int(s * FRAMES_PER_SECOND) for s in LEAD_S)
+    # stretch k reads [starts[k], ends[k]) and keeps [bounds[k], bounds[k + 1]); the last reads to the row's end
+    starts = [quietest(smooth, max(bounds[k - 1], bounds[k] - lead_max), bounds[k] - lead_min) for k in range(1, n)]
+    ends = [quietest(smooth, b + lead_min, min(row.end_frame, b + lead_max)) for b in bounds[1:-1]] + [row.end_frame]
     keep_from, keep_to = row.keep or (0.0, math.inf)
-    new = []
-    for k in range(1, n):
-        a, b = bounds[k], bounds[k + 1]
-        start = quietest(smooth, max(bounds[k - 1], a - lead_max), a - lead_min)
-        end = row.end_frame if k == n - 1 else quietest(smooth, b + lead_min, min(row.end_frame, b + lead_max))
-        keep = (a / FRAMES_PER_SECOND, keep_to if k == n - 1 else b / FRAMES_PER_SECOND)
-        new.append(Row(row.file, start, end, start, list(prompt), last_speech_s=start / FRAMES_PER_SECOND, keep=keep))
-    row.end_frame = quietest(smooth, bounds[1] + lead_min, min(row.end_frame, bounds[1] + lead_max))
-    row.keep = (keep_from, bounds[1] / FRAMES_PER_SECOND)
+    keeps = [b / FRAMES_PER_SECOND for b in bounds[1:-1]]
+    new = [
+        Row(row.file, start, end, start, list(prompt), last_speech_s=start / FRAMES_PER_SECOND, keep=(a, b))
+        for start, end, a, b in zip(starts, ends[1:], keeps, keeps[1:] + [keep_to])
+    ]
+    row.end_frame, row.keep = ends[0], (keep_from, keeps[0])
     return new
 
 
@@ -631,11 +631,3 @@ def quietest(smooth: np.ndarray, lo: int, hi: int) -> int:
     """The frame in [lo, hi) where the smoothed level is lowest (lo itself if the span is empty)."""
     lo, hi = max(0, lo), min(len(smooth), hi)
     return lo + int(np.argmin(smooth[lo:hi])) if hi > lo else lo
-
-
-def crosses_keep(row: Row, size: int) -> bool:
-    """Whether a window of the row holds audio outside what the row keeps (engine.rows.trim)."""
-    if row.keep is None:
-        return False
-    start_s = row.seek / FRAMES_PER_SECOND
-    return start_s < row.keep[0] or start_s + size / FRAMES_PER_SECOND > row.keep[1]

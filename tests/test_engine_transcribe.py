@@ -301,6 +301,7 @@ def test_a_cut_stretch_keeps_only_the_words_between_its_cuts():
     bare = Segment(10.0, 11.6, "One two three.", -0.2, 0.01, 1.2, 0.0)
     assert trim(bare, " x", (10.0, 10.9)) is not None and trim(bare, " x", (10.9, 20.0)) is None
 
+
 def test_a_cut_stretch_decodes_again_where_its_window_passed_over_speech():
     """Whisper can jump its timestamps over a whole utterance (read2: a stretch starting at 54.41 s
     lost the 12 s clip at 61.9 s). A cut stretch seeks back to such a hole when its frames are
