@@ -56,8 +56,11 @@ log = logging.getLogger(__name__)
 # 45 s: +0.08, 180 s: +0.08, words on +0.34). Reading past the cuts (LEAD_S, 2026-12-07) kept
 # both files within +0.3 at 15 s, but read2 lost 4-5 points at 16.7 and 25 s (Whisper passing over
 # a clip; decoded again since, engine.rows.skipped_speech) and 1.1-1.6 at 16.7-25 s after that
-# (CPU). No length is shown safe, so by default a file is never cut and every transcript is
-# sequential Whisper's. ARCHIVE_ASR_MIN_REGION_S turns cutting on.
+# (CPU). No length can be safe: sequential Whisper itself, started 40-260 s into either file with
+# no previous text, moved the file's WER by -0.59 to +3.36 points from that one start
+# (benchmarks/late_start.py), and a file cut to fill the rows has 20-30 starts. So by default a
+# file is never cut and every transcript is sequential Whisper's. ARCHIVE_ASR_MIN_REGION_S turns
+# cutting on.
 MIN_REGION_S: float | None = None
 QUIET_SPAN_FRAMES = 30  # 0.3 s: a cut point's quietness is the mean level around it
 CUT_SEARCH_S = 5.0  # a cut is searched this far either side of the middle of what remains

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repo root, after the parts of prepare.sh are in /tmp/stage/.
-# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|run|e2e|plan|hostshare|hostcpu|hostmem|fleetspy|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3
+# usage: bash benchmarks/gpu/run_on_device.sh prepare|archive|engine|lone|late|run|e2e|plan|hostshare|hostcpu|hostmem|fleetspy|quant|fleet|twogpu|batches|fleetrun|d1|d2|d3
 #   archive: builds the archive (3.2 h, 91 files), then bench_archive.py: sequential mlx-whisper
 #            file by file vs the engine in archive mode, words off and on, and each long file alone
 #   engine:  the engine's two methods only, sequential's outputs reused from an earlier archive run
 #   lone:    each English long file alone and each piece of LONE_TILINGS (default 3) tilings alone, cut at
 #            the LONE lengths (default 12,15,18,20,22; LONE_WORDS off,on), against sequential mlx-whisper
 #            on the same files (SEQUENTIAL: an earlier gpu_lone.json's, not run again)
+#   late:    late_start.py: sequential mlx-whisper on each English long file whole and from OFFSETS on (SPAN s),
+#            how many words differ as it goes on, and what one moved start does to WER
 #   run:     bench_run.py: `archive-asr run` end to end on the same archive (SQLite, embedded Valkey)
 #   prepare: install and build the archive, nothing else (before modes run side by side, one per GPU)
 #   e2e:     on the fleet's archive (built by `fleet`, state in /tmp/fleet), GPU 0 only: the engine alone
@@ -93,7 +95,7 @@ engine_shard() {  # the engine alone on a shard of the fleet's archive: $1 GPU, 
 burn() { ${2:+taskset -c $2} python3 benchmarks/host_cpu_probe.py --burn "$1" ${3:-} --seconds 600 & burner=$!; }  # $1 processes, $2 CPUs or "", $3 --memory
 unburn() { kill $burner; wait $burner 2>/dev/null || true; }
 case "$mode" in  # these build their own archives (the fleet drill's, larger; lone's); the others share /tmp/archive
-  fleet|lone|hostshare|e2e|plan|fleetrun|d1|d2|d3) ;;
+  fleet|lone|late|hostshare|e2e|plan|fleetrun|d1|d2|d3) ;;
   *) [ -f $archive/manifest.json ] || python3 benchmarks/build_archive.py --shared $x/audio --out $archive --tilings ${TILINGS:-9} ;;
 esac
 case "$mode" in
@@ -116,6 +118,10 @@ case "$mode" in
       ${SEQUENTIAL:+--sequential-from $SEQUENTIAL} \
       --lone ${LONE:-12,15,18,20,22} --lone-words ${LONE_WORDS:-off,on} --lone-sets $sets --json-out "$out/gpu_lone.json" 2>&1 \
       | grep --line-buffered -v '^INFO\|^memory' | tee "$out/gpu_lone.log" | cut -c1-600
+    ;;
+  late)  # sequential Whisper started late (OFFSETS, SPAN) against the whole file: the noise floor of a cut
+    python3 benchmarks/late_start.py --model base --shared $x/audio --offsets "${OFFSETS:-40,100,150,200,260}" \
+      --span "${SPAN:-200}" --json-out "$out/gpu_late.json" 2>&1 | grep --line-buffered -v '^INFO' | tee "$out/gpu_late.log"
     ;;
   run)
     python3 benchmarks/bench_run.py --archive $archive --model base --compare "${COMPARE:-/tmp/gpu_archive.json}" \
