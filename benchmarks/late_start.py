@@ -64,9 +64,8 @@ def timed_words(segments: Segments) -> list[tuple[str, float]]:
     return out
 
 
-def differing_per_bin(whole: Segments, late: Segments, lo_s: float, hi_s: float, t0: float) -> dict[int, int]:
-    a = [x for x in timed_words(whole) if lo_s <= x[1] < hi_s]
-    b = [x for x in timed_words(late) if lo_s <= x[1] < hi_s]
+def differing_per_bin(a: list[tuple[str, float]], b: list[tuple[str, float]], t0: float) -> dict[int, int]:
+    """Words of ``b`` that differ from ``a`` (both timed words of one span), per BIN_S after t0."""
     bins: dict[int, int] = {}
     matcher = difflib.SequenceMatcher(a=[w for w, _ in a], b=[w for w, _ in b], autojunk=False)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
@@ -121,14 +120,16 @@ def main() -> None:
         e_whole, n = errors(reference, " ".join(s[2] for s in whole), "en")
         print(f"{name}: whole file {100 * e_whole / n:.2f} % WER, {time.perf_counter() - t:.1f} s", flush=True)
         starts = {round(s[0], 2) for s in whole}
+        whole_words = timed_words(whole)
         rows = []
         for t0 in (float(x) for x in args.offsets.split(",")):
             late = transcribe(audio[int(t0 * SAMPLE_RATE):int((t0 + args.span) * SAMPLE_RATE)], folder, fp16, t0)
             lo_s, hi_s = t0 + EDGE_S[0], min(t0 + args.span, len(audio) / SAMPLE_RATE) - EDGE_S[1]
             joins = seams(whole, late, lo_s, hi_s)
             e_splice, _ = errors(reference, splice(whole, late, joins[0], joins[-1]), "en") if len(joins) > 1 else (e_whole, n)
-            words = sum(1 for _, at in timed_words(whole) if lo_s <= at < hi_s)
-            bins = differing_per_bin(whole, late, lo_s, hi_s, t0)
+            mine = [x for x in whole_words if lo_s <= x[1] < hi_s]
+            words = len(mine)
+            bins = differing_per_bin(mine, [x for x in timed_words(late) if lo_s <= x[1] < hi_s], t0)
             shared = [s[0] for s in late if round(s[0], 2) in starts]
             row = {"offset_s": t0, "span_s": [lo_s, hi_s], "words": words, "differing_per_30s": bins,
                    "differing_share": sum(bins.values()) / max(1, words),

@@ -512,8 +512,8 @@ class Session:
         return window_pieces(r, res, size, self.loaded.tokenizer(language, r.file.options.task), self.rules.ts_begin)
 
     def _add_words(self, rows, features, results, sizes, pieces, languages) -> list[list[Piece]]:
-        """Word timestamps for every row that wants them, and for a cut stretch's windows that reach past
-    what it keeps (engine.rows.trim goes by words), in one pass over the round's features."""
+        """Word timestamps for every row that wants them, and for a cut stretch's windows that reach
+        past what it keeps (engine.rows.trim goes by words), in one pass over the round's features."""
         windows, at = [], []
         for i, (r, size, ps, lang) in enumerate(zip(rows, sizes, pieces, languages)):
             if not ps or not (r.file.options.word_timestamps or r.crosses_keep(size)):
