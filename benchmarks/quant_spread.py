@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -82,7 +83,7 @@ def write_variant(source: str, seed: int, bits: int = 8) -> str:
     model, dims, _ = load_mlx_folder(folder, mx.float16)  # round from the weights as stored
     rng = np.random.default_rng(seed)
     changed = 0
-    for path, module in model.named_modules():  # the layers models quantize rounds: Linear, Embedding
+    for _, module in model.named_modules():  # the layers models quantize rounds: Linear, Embedding
         if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[-1] % GROUP_SIZE == 0:
             module.weight = mx.array(rounded(module.weight, seed, rng, bits))
             changed += 1
@@ -102,11 +103,19 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 
-    os.environ["ARCHIVE_ASR_MODELS_DIR"] = tempfile.mkdtemp(prefix="quant-spread-")
-    from bench_quant import LONG_NAMES, SHARED, _released, archive_run, long_file
-
     if args.bits not in (2, 3, 4, 6, 8) and "0" in args.seeds.split(","):
         ap.error(f"--seeds 0 is MLX's own grid, which has no {args.bits}-bit form")
+    models = tempfile.mkdtemp(prefix="quant-spread-")  # the variants (float32: 300 MB each for base) go with it
+    os.environ["ARCHIVE_ASR_MODELS_DIR"] = models
+    try:
+        run(args)
+    finally:
+        shutil.rmtree(models, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    from bench_quant import LONG_NAMES, SHARED, _released, archive_run, long_file
+
     results: dict = {"model": args.model, "bits": args.bits, "group_size": GROUP_SIZE, "runs": []}
     names = ([args.model] if args.full else []) + [write_variant(args.model, int(s), args.bits) for s in args.seeds.split(",")]
     for name in names:
