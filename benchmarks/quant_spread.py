@@ -4,13 +4,13 @@
     .venv/bin/python benchmarks/quant_spread.py --model tiny.en --seeds 1,2,3,4,5,6,7,8 --archive /tmp/qarch --json-out spread.json
 
 `archive-asr models quantize` rounds each group of 64 weights to MLX's affine grid: 256 levels
-over the group's range, anchored at its larger end. That grid is one of many equally fine ones. Shift it by a
-random fraction of a step (256 levels spanning the group's range plus one step, starting up to
-one step below its minimum) and every weight is still rounded to the nearest level, with the same
-error bound, in the same bits and group size: an 8-bit model exactly as good by construction, whose
-rounding falls elsewhere. The WER of these models against full precision, per file and on the
-archive, is the spread that 8-bit rounding itself brings; a target tighter than that spread is met
-by luck, whichever recipe one picks.
+over the group's range, anchored at its larger end. That grid is one of many equally fine ones.
+Shift it by a random fraction of a step (256 levels spanning the group's range plus one step,
+starting up to one step below its minimum) and every weight is still rounded to the nearest
+level, with the same RMS error, in the same bits and group size: an 8-bit model as good by
+construction, whose rounding falls elsewhere. The WER of these models against full precision,
+per file and on the archive, tells what 8-bit rounding itself costs and how far it spreads: a
+loss that every grid shows is the rounding's, one that a few show is luck.
 
 Each variant is written as a full-precision folder holding the rounded weights (float32: the
 values the 8-bit model computes with, scales and biases rounded to float16 as they are stored), so
@@ -68,12 +68,12 @@ def rounded(weight: mx.array, seed: int, rng: np.random.Generator, bits: int = 8
 
 def write_variant(source: str, seed: int, bits: int = 8) -> str:
     """Write ``source`` rounded on grid ``seed`` into the models folder; return its name."""
-    import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     from engine.convert import write_mlx_folder
     from engine.holder import load_mlx_folder
     from engine.model_store import models_dir, read_meta, resolve_model
+    from engine.quantize import is_quantizable
 
     name = f"{source}-grid{bits}-s{seed}"
     dest = models_dir() / name
@@ -83,8 +83,8 @@ def write_variant(source: str, seed: int, bits: int = 8) -> str:
     model, dims, _ = load_mlx_folder(folder, mx.float16)  # round from the weights as stored
     rng = np.random.default_rng(seed)
     changed = 0
-    for _, module in model.named_modules():  # the layers models quantize rounds: Linear, Embedding
-        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[-1] % GROUP_SIZE == 0:
+    for _, module in model.named_modules():  # the layers `models quantize` rounds
+        if is_quantizable(module, GROUP_SIZE):
             module.weight = mx.array(rounded(module.weight, seed, rng, bits))
             changed += 1
     weights = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters()) if k != "alignment_heads"}

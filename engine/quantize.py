@@ -69,6 +69,13 @@ def quantize_model(source: str, quantization: Quantization, name: str | None = N
     return dest, True
 
 
+def is_quantizable(module, group_size: int) -> bool:
+    """A Linear layer or the token embedding whose rows split into whole groups (all of Whisper's)."""
+    import mlx.nn as nn
+
+    return isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[-1] % group_size == 0
+
+
 def quantize_in_place(model, quantization: Quantization) -> list[str]:
     """Quantise a Whisper model's Linear layers and token embedding in place; return their paths."""
     import mlx.nn as nn
@@ -76,9 +83,8 @@ def quantize_in_place(model, quantization: Quantization) -> list[str]:
     layers = []
 
     def quantizable(path: str, module) -> bool | dict:
-        # a layer whose rows do not split into whole groups stays as it is (none in Whisper's sizes)
         settings = quantization.layer_config(path)
-        if not (isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[-1] % settings["group_size"] == 0):
+        if not is_quantizable(module, settings["group_size"]):
             return False
         layers.append(path)
         return settings
